@@ -1,0 +1,41 @@
+# attnpipe: set-up and checks. `make test` does the whole set-up on a fresh machine, then runs the suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.attnpipe-installed
+# The CPU build of torch, used where no CUDA GPU is present (a plain `torch` requirement
+# would pull a CUDA build of several GB). On a GPU machine the CUDA build is left alone.
+TORCH_CPU ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup test lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then \
+	  $(PIP) install -q "$(TORCH_CPU)"; fi
+	# DeepSpeed builds from source and imports torch while it does: build it against the
+	# torch just installed instead of an isolated environment that would fetch another.
+	$(PIP) install -q --no-build-isolation "$$(grep -o '"deepspeed==[^"]*"' pyproject.toml | tr -d '"')"
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""attnpipe's orchestration package: job specs, data preprocessing, training, tracking, jobs."""
+
+__version__ = "0.1.0"

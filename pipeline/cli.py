@@ -1,0 +1,117 @@
+"""The `attnpipe` command: a thin layer over the pipeline package.
+
+Bad input exits with code 2 and one line on stderr; commands are added here only when they
+work end to end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from pipeline.config import JobSpec, SpecError, load_spec, resolved_yaml
+
+app = typer.Typer(
+    name="attnpipe",
+    help="Train dense and sparse attention transformers with Ray, DeepSpeed and MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+SpecArg = Annotated[Path, typer.Argument(help="Job spec (YAML), e.g. jobs/decoder-tiny.yaml.")]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(help="Overrides applied last, as key.path=value (e.g. training.lr=3e-4)."),
+]
+
+
+def fail(message: str) -> NoReturn:
+    """One line on stderr, exit code 2: the contract for every user error."""
+    typer.echo(f"attnpipe: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def load(spec: Path, overrides: list[str] | None) -> JobSpec:
+    try:
+        return load_spec(spec, overrides or [])
+    except SpecError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def validate(
+    spec: SpecArg,
+    overrides: OverridesArg = None,
+    output: Annotated[str, typer.Option("--format", help="yaml or json")] = "yaml",
+) -> None:
+    """Check a job spec and print it fully resolved (defaults, preset, file, overrides)."""
+    if output not in ("yaml", "json"):
+        fail(f"--format: expected yaml or json, got {output!r}")
+    resolved = load(spec, overrides)
+    if output == "json":
+        typer.echo(json.dumps(resolved.model_dump(mode="json"), indent=2))
+    else:
+        typer.echo(resolved_yaml(resolved), nl=False)
+
+
+@app.command("models")
+def list_models(
+    seq_len: Annotated[
+        int | None, typer.Option(help="Sequence length for FLOPs/token; default each max_seq_len.")
+    ] = None,
+) -> None:
+    """List the model presets with their exact parameter counts and training FLOPs per token."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from models.config import PRESETS, count_params, flops_per_token, preset_config
+
+    table = Table(title="attnpipe model presets")
+    for column in (
+        "preset",
+        "family",
+        "layers",
+        "d_model",
+        "heads",
+        "kv heads",
+        "d_ff",
+        "positional",
+        "params",
+        "FLOPs/token",
+    ):
+        table.add_column(
+            column, justify="left" if column in ("preset", "family", "positional") else "right"
+        )
+    for name in PRESETS:
+        cfg = preset_config(name)
+        layers = (
+            f"{cfg.encoder_layers}+{cfg.decoder_layers}"
+            if cfg.family == "encoder_decoder"
+            else str(cfg.n_layers)
+        )
+        flops = flops_per_token(cfg, seq_len or cfg.max_seq_len)
+        table.add_row(
+            name,
+            cfg.family,
+            layers,
+            str(cfg.d_model),
+            str(cfg.n_heads),
+            str(cfg.kv_heads),
+            str(cfg.ffn_dim),
+            cfg.positional,
+            f"{count_params(cfg):,}",
+            f"{flops:.3e}",
+        )
+    Console(width=160).print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

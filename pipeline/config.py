@@ -1,0 +1,501 @@
+"""The job spec: a typed tree with one node per component, loaded from YAML.
+
+Precedence, lowest first: the nodes' defaults < a named preset (`model.preset`) < the job
+file < `key.path=value` overrides from the command line. Unknown keys are rejected with a
+close-match suggestion; every problem becomes one `SpecError` line that names the file, the
+YAML path and, where it came from the file, the line.
+
+Each component receives only its own node (`spec.model`, `spec.training`, ...).
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from models.config import PRESETS, AttentionConfig, FieldError, ModelConfig, _Node
+
+JobKind = Literal["preprocess", "train", "evaluate", "retrain", "pipeline"]
+
+
+class SpecError(ValueError):
+    """A job spec cannot be used; the message is one line naming what and where."""
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+class JobNode(_Node):
+    name: str = Field("attnpipe-job", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    kind: JobKind = "train"
+    description: str = ""
+
+
+class SourceNode(_Node):
+    """One text source. `demo` is the bundled offline corpus; `hub` a dataset by name;
+    `files` local or remote files by path or glob."""
+
+    kind: Literal["demo", "hub", "files"] = "demo"
+    name: str | None = None  # hub dataset name
+    config: str | None = None  # hub dataset config
+    split: str = "train"
+    path: str | None = None  # files: path, glob or URI
+    format: Literal["text", "json", "jsonl", "parquet", "csv"] | None = None
+    text_column: str = "text"
+    target_column: str | None = None  # paired (seq2seq) data: the target text
+    weight: float = Field(1.0, gt=0)
+    streaming: bool = False
+
+    @model_validator(mode="after")
+    def _where(self) -> SourceNode:
+        if self.kind == "hub" and not self.name:
+            raise FieldError("name", "a hub source needs a dataset name")
+        if self.kind == "files" and not self.path:
+            raise FieldError("path", "a files source needs a path or glob")
+        return self
+
+
+class TokenizerNode(_Node):
+    vocab_size: int = Field(8192, ge=256, le=1_000_000)
+    path: str | None = None  # a tokenizer.json to load instead of training one
+    sample_documents: int = Field(100_000, ge=1)
+
+
+class DataNode(_Node):
+    sources: list[SourceNode] = Field(default_factory=lambda: [SourceNode()], min_length=1)
+    seq_len: int = Field(256, ge=8)
+    tokenizer: TokenizerNode = Field(default_factory=TokenizerNode)
+    val_fraction: float = Field(0.01, gt=0.0, le=0.5)
+    samples_per_shard: int = Field(4096, ge=1)
+    min_chars: int = Field(1, ge=0)
+    max_chars: int | None = Field(None, ge=1)
+    dedup: bool = True
+    max_source_len: int | None = Field(None, ge=1)  # paired data only
+    max_target_len: int | None = Field(None, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _lengths(self) -> DataNode:
+        if self.max_chars is not None and self.max_chars < self.min_chars:
+            raise FieldError("max_chars", f"{self.max_chars} is below min_chars={self.min_chars}")
+        return self
+
+
+class ModelNode(ModelConfig):
+    """The model's architecture: an optional named preset plus field overrides."""
+
+    preset: str | None = None
+
+    @field_validator("preset")
+    @classmethod
+    def _known(cls, v: str | None) -> str | None:
+        if v is not None and v not in PRESETS:
+            raise ValueError(
+                f"unknown preset {v!r}{_suggest(v, PRESETS)}; known: {', '.join(PRESETS)}"
+            )
+        return v
+
+    def architecture(self) -> ModelConfig:
+        """The plain ModelConfig the models package builds from."""
+        return ModelConfig(**self.model_dump(exclude={"preset"}))
+
+
+class OptimizerNode(_Node):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(3e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"each beta must be in [0, 1), got {list(v)}")
+        return v
+
+
+class ScheduleLRNode(_Node):
+    name: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class TrainingNode(_Node):
+    steps: int = Field(1000, ge=1)
+    global_batch_size: int = Field(32, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accum_steps: int | None = Field(
+        None, ge=1, description="default: global_batch_size / (micro_batch_size * workers)"
+    )
+    optimizer: OptimizerNode = Field(default_factory=OptimizerNode)
+    lr_schedule: ScheduleLRNode = Field(default_factory=ScheduleLRNode)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_clip: float = Field(1.0, ge=0)
+    activation_checkpointing: bool = False
+    checkpoint_interval: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    eval_interval: int = Field(200, ge=1)
+    eval_batches: int = Field(20, ge=1)
+    log_interval: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class DeepSpeedNode(_Node):
+    zero_stage: int = Field(0, ge=0, le=3)
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    @model_validator(mode="after")
+    def _offload(self) -> DeepSpeedNode:
+        if self.offload_params and self.zero_stage != 3:
+            raise FieldError("offload_params", f"needs zero_stage 3, got {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise FieldError("offload_optimizer", "needs zero_stage 1, 2 or 3")
+        return self
+
+
+class ResourcesNode(_Node):
+    num_workers: int = Field(2, ge=1)
+    gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float = Field(1, gt=0)
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    gpu_type: str | None = None  # e.g. "H100-80GB", for the memory planner
+
+
+class TrackingNode(_Node):
+    uri: str | None = None  # default: sqlite:///<work_dir>/mlflow.db
+    experiment: str = Field("attnpipe", min_length=1)
+    register_name: str | None = None
+    log_checkpoints: Literal["all", "last", "none"] = "last"
+    buffer_size: int = Field(10_000, ge=1)
+    system_metrics: bool = True
+
+
+class StorageNode(_Node):
+    work_dir: str = Field("attnpipe-work", min_length=1)  # a local folder or s3:// / gs:// URI
+
+
+class ScheduleNode(_Node):
+    cron: str | None = None
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(v)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {v!r}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _cron(self) -> ScheduleNode:
+        if self.cron is not None:
+            from apscheduler.triggers.cron import CronTrigger
+
+            try:
+                CronTrigger.from_crontab(self.cron, timezone=self.timezone)
+            except ValueError as exc:
+                raise FieldError("cron", f"invalid cron expression {self.cron!r}: {exc}") from None
+        return self
+
+
+class JobSpec(_Node):
+    """The whole job: one node per component."""
+
+    job: JobNode = Field(default_factory=JobNode)
+    data: DataNode = Field(default_factory=DataNode)
+    model: ModelNode = Field(default_factory=ModelNode)
+    attention: AttentionConfig = Field(default_factory=AttentionConfig)
+    training: TrainingNode = Field(default_factory=TrainingNode)
+    deepspeed: DeepSpeedNode = Field(default_factory=DeepSpeedNode)
+    resources: ResourcesNode = Field(default_factory=ResourcesNode)
+    tracking: TrackingNode = Field(default_factory=TrackingNode)
+    storage: StorageNode = Field(default_factory=StorageNode)
+    schedule: ScheduleNode = Field(default_factory=ScheduleNode)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        t, r = self.training, self.resources
+        per_step = t.micro_batch_size * r.num_workers
+        if t.global_batch_size % per_step:
+            raise FieldError(
+                "training.global_batch_size",
+                f"{t.global_batch_size} is not a multiple of training.micro_batch_size "
+                f"({t.micro_batch_size}) x resources.num_workers ({r.num_workers})",
+            )
+        if t.grad_accum_steps is not None and t.grad_accum_steps * per_step != t.global_batch_size:
+            raise FieldError(
+                "training.grad_accum_steps",
+                f"{t.grad_accum_steps} x micro_batch_size {t.micro_batch_size} x num_workers "
+                f"{r.num_workers} != global_batch_size {t.global_batch_size}",
+            )
+        if t.lr_schedule.warmup_steps > t.steps:
+            raise FieldError(
+                "training.lr_schedule.warmup_steps",
+                f"{t.lr_schedule.warmup_steps} exceeds training.steps={t.steps}",
+            )
+        m = self.model
+        if m.positional in ("learned", "sinusoidal") and self.data.seq_len > m.max_seq_len:
+            raise FieldError(
+                "data.seq_len", f"{self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}"
+            )
+        if self.data.tokenizer.vocab_size > m.vocab_size:
+            raise FieldError(
+                "data.tokenizer.vocab_size",
+                f"{self.data.tokenizer.vocab_size} exceeds model.vocab_size={m.vocab_size}",
+            )
+        _check_attention(self.attention, m)
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        t = self.training
+        return t.global_batch_size // (t.micro_batch_size * self.resources.num_workers)
+
+
+def _check_attention(attn: AttentionConfig, model: ModelConfig) -> None:
+    """The pattern and backend exist, take these parameters, and work together."""
+    from models.attention import AttentionSpecError, make_backend, make_pattern
+
+    causal = model.family != "encoder"
+    try:
+        pattern = make_pattern(attn.pattern, causal=causal, **attn.params)
+    except AttentionSpecError as exc:
+        field = "attention.pattern" if "unknown" in str(exc) else "attention.params"
+        raise FieldError(field, str(exc)) from None
+    try:
+        make_backend(attn.backend, pattern)
+    except AttentionSpecError as exc:
+        raise FieldError("attention.backend", str(exc)) from None
+
+
+# Nodes that accept `preset: NAME`, and the named diffs they draw from.
+PRESET_NODES: dict[str, dict[str, dict[str, Any]]] = {"model": PRESETS}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_spec(path: str | Path | None, overrides: Sequence[str] = ()) -> JobSpec:
+    """Read, merge and validate a job spec. Raises SpecError with one line on bad input."""
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    origins: dict[tuple[str, ...], str] = {}
+    if path is not None:
+        raw, lines = _read_yaml(Path(path))
+        origins = {key: f"{source}:{line}" for key, line in lines.items()}
+    for item in overrides:
+        key = _apply_override(raw, item)
+        origins = {k: v for k, v in origins.items() if k[: len(key)] != key}
+        origins[key] = f"{source}: override {item!r}" if path is not None else f"override {item!r}"
+    return validate_spec(_apply_presets(raw), source, origins)
+
+
+def validate_spec(
+    raw: dict[str, Any], source: str = "<spec>", origins: dict[tuple[str, ...], str] | None = None
+) -> JobSpec:
+    """A JobSpec from an already merged dict (for example, a resolved spec sent to a worker).
+
+    `origins` maps a YAML path to where its value came from (`file:line`, an override).
+    """
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(_describe(exc, source, origins or {})) from None
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a directory, not a job spec") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot read: {exc}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"{where}: malformed YAML: {problem}") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a job spec is a mapping of sections, got {type(data).__name__}")
+    return data, _line_index(node)
+
+
+def _line_index(node: yaml.Node | None, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
+    """{YAML path: 1-based line} for every key in the document."""
+    index: dict[tuple[str, ...], int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = (*prefix, str(key.value))
+            index[path] = key.start_mark.line + 1
+            index.update(_line_index(value, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            path = (*prefix, str(i))
+            index[path] = value.start_mark.line + 1
+            index.update(_line_index(value, path))
+    return index
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> tuple[str, ...]:
+    """Set `a.b.c=value` in place and return its path; the value is parsed as YAML."""
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise SpecError(f"override {item!r}: expected key.path=value, e.g. training.lr=3e-4")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node: Any = raw
+    for i, part in enumerate(parts):
+        where = ".".join(parts[: i + 1])
+        last = i == len(parts) - 1
+        if isinstance(node, list):  # `data.sources.0.path=...` indexes a list
+            if not part.isdigit() or int(part) >= len(node):
+                raise SpecError(f"override {item!r}: {where}: no such list item")
+            if last:
+                node[int(part)] = value
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            node = node.setdefault(part, {})
+        else:
+            raise SpecError(f"override {item!r}: {'.'.join(parts[:i])} is a value, not a section")
+    return tuple(parts)
+
+
+def _apply_presets(raw: dict[str, Any]) -> dict[str, Any]:
+    """Expand `preset: NAME` under each preset node: the preset's diff, then the file's keys."""
+    merged = dict(raw)
+    for node, presets in PRESET_NODES.items():
+        section = merged.get(node)
+        if isinstance(section, dict) and section.get("preset") in presets:
+            merged[node] = {**presets[section["preset"]], **section}
+    return merged
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _describe(exc: ValidationError, source: str, origins: dict[tuple[str, ...], str]) -> str:
+    """One line for the first error: `where: yaml.path: what is wrong`, where `where` is the
+    file and line, or the override, that set the value (or its closest enclosing section)."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):
+        # A node's check names its own field; a spec-level check names a full path.
+        loc = cause.field.split(".") if "." in cause.field else [*loc, cause.field]
+        message = str(cause)
+    elif err["type"] == "extra_forbidden":
+        message = "unknown key" + _suggest_key(loc)
+    else:
+        message = _humanize(err)
+    # The value itself, a key set below it (an override `a.b.c=` on a scalar `a.b`), or the
+    # closest enclosing section.
+    below = (k for k in origins if k[: len(loc)] == tuple(loc))
+    prefixes = (tuple(loc[:n]) for n in range(len(loc), 0, -1))
+    where = next((origins[p] for p in (*below, *prefixes) if p in origins), source)
+    return f"{where}: {_dotted(loc) or '(top level)'}: {message}"
+
+
+def _humanize(err: dict[str, Any]) -> str:
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] in ("missing",):
+        return "required"
+    value = err.get("input")
+    if isinstance(value, (dict, list)) or value is None:
+        return msg
+    shown = repr(value)
+    if shown in msg:
+        return msg
+    return f"{msg} (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
+
+
+def _dotted(loc: Sequence[str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out
+
+
+def _suggest_key(loc: Sequence[str]) -> str:
+    """A close match among the siblings of an unknown key, else anywhere in the spec."""
+    parent, key = loc[:-1], loc[-1]
+    local = _suggest(key, _fields_at(parent), parent)
+    if local:
+        return local
+    paths = {p[-1]: p for p in _all_paths(JobSpec)}  # leaf -> a full path
+    match = difflib.get_close_matches(key, list(paths), n=1, cutoff=0.75)
+    return f" (did you mean {'.'.join(paths[match[0]])!r}?)" if match else ""
+
+
+def _all_paths(cls: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out: list[tuple[str, ...]] = []
+    for name, field in cls.model_fields.items():
+        path = (*prefix, name)
+        out.append(path)
+        child = _node_type(field.annotation)
+        if _is_node(child):
+            out += _all_paths(child, path)
+    return out
+
+
+def _fields_at(loc: Sequence[str]) -> list[str]:
+    """The field names of the config node at `loc` (list indices skipped)."""
+    cls: Any = JobSpec
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = cls.model_fields.get(part) if _is_node(cls) else None
+        if field is None:
+            return []
+        cls = _node_type(field.annotation)
+    return list(cls.model_fields) if _is_node(cls) else []
+
+
+def _is_node(cls: Any) -> bool:
+    return isinstance(cls, type) and issubclass(cls, BaseModel)
+
+
+def _node_type(annotation: Any) -> Any:
+    """Unwrap Optional[...] and list[...] down to a config node class, if there is one."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType, list):
+        for arg in typing.get_args(annotation):
+            found = _node_type(arg)
+            if _is_node(found):
+                return found
+    return annotation
+
+
+def _suggest(word: str, choices: Sequence[str], prefix: Sequence[str] = ()) -> str:
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    if not match:
+        return ""
+    return f" (did you mean {_dotted([*prefix, match[0]])!r}?)"
+
+
+def resolved_yaml(spec: JobSpec) -> str:
+    """The resolved spec as YAML, as written next to a run and logged to MLflow."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
