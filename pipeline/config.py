@@ -63,7 +63,9 @@ class SourceNode(_Node):
 
 
 class TokenizerNode(_Node):
-    vocab_size: int = Field(8192, ge=256, le=1_000_000)
+    vocab_size: int | None = Field(
+        None, ge=256, le=1_000_000, description="default: model.vocab_size"
+    )
     path: str | None = None  # a tokenizer.json to load instead of training one
     sample_documents: int = Field(100_000, ge=1)
 
@@ -250,10 +252,11 @@ class JobSpec(_Node):
             raise FieldError(
                 "data.seq_len", f"{self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}"
             )
-        if self.data.tokenizer.vocab_size > m.vocab_size:
+        vocab = self.data.tokenizer.vocab_size
+        if vocab is not None and vocab > m.vocab_size:
             raise FieldError(
                 "data.tokenizer.vocab_size",
-                f"{self.data.tokenizer.vocab_size} exceeds model.vocab_size={m.vocab_size}",
+                f"{vocab} exceeds model.vocab_size={m.vocab_size}",
             )
         _check_attention(self.attention, m)
         return self

@@ -1,0 +1,74 @@
+"""The attnpipe command as a user runs it: a real process, its exit code and its output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from models import PRESETS, count_params, preset_config
+
+ROOT = Path(__file__).resolve().parent.parent
+ATTNPIPE = Path(sys.executable).parent / "attnpipe"  # the installed console script
+
+
+def attnpipe(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(ATTNPIPE), *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+
+
+def test_help_lists_the_commands():
+    result = attnpipe("--help")
+    assert result.returncode == 0
+    assert "validate" in result.stdout and "models" in result.stdout
+
+
+def test_validate_prints_the_resolved_spec():
+    result = attnpipe("validate", "jobs/decoder-tiny.yaml", "training.steps=70", "model.n_layers=3")
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["training"]["steps"] == 70
+    assert resolved["model"]["n_layers"] == 3
+    assert resolved["model"]["vocab_size"] == 512  # from the preset
+    assert resolved["model"]["positional"] == "rope"  # from the file
+    assert resolved["deepspeed"]["zero_stage"] == 0  # a default
+
+
+def test_validate_json_output():
+    result = attnpipe("validate", "jobs/encoder-tiny.yaml", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    assert '"family": "encoder"' in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["jobs/missing.yaml"], "jobs/missing.yaml: no such file"),
+        (["jobs/decoder-tiny.yaml", "training.lrr=1"], "did you mean 'training.optimizer.lr'"),
+        (["jobs/decoder-tiny.yaml", "model.n_heads=5"], "n_heads=5 does not divide d_model=64"),
+        (["jobs/decoder-tiny.yaml", "deepspeed.zero_stage=9"], "deepspeed.zero_stage"),
+        (["tests/data/malformed.yaml"], "malformed YAML"),
+        (["jobs/decoder-tiny.yaml", "--format", "xml"], "--format: expected yaml or json"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_no_traceback(args, fragment):
+    result = attnpipe("validate", *args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("attnpipe: error: ")
+    assert fragment in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_models_lists_presets_with_exact_parameter_counts():
+    result = attnpipe("models")
+    assert result.returncode == 0, result.stderr
+    for name in PRESETS:
+        assert name in result.stdout
+        assert f"{count_params(preset_config(name)):,}" in result.stdout
