@@ -2,59 +2,178 @@
 
 A pattern is data, not a module. It answers the same question three ways:
 - `mask_mod(b, h, q_idx, k_idx)`: the exact token-level rule, FlexAttention's signature,
-  vectorised over broadcastable index tensors;
+  vectorised over broadcastable index tensors (`mask_mod_for(seq_len)` where the rule
+  depends on the length, as BigBird's random blocks do);
 - `block_layout(seq_len, block_size)`: which (query block, key block) tiles hold any allowed
-  pair, computed analytically in O(blocks), never by evaluating S x S points;
+  pair, computed analytically from each tile's position range, never by evaluating S x S
+  points;
 - `dense_mask(seq_len)`: the materialised boolean mask, for the reference and for tests.
 
+Every causal pattern also takes `prefix=N` (prefix-LM: the first N tokens see each other
+in both directions). Document masking for packed sequences composes with every pattern at
+run time (`BatchGeometry.document_ids`).
+
+In the pictures, rows are queries, columns keys, `x` an allowed pair.
 Shapes: H heads (1 when the layout is shared by all heads), S sequence, N blocks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+MaskMod = Callable[[Any, Any, Tensor, Tensor], Tensor]
+
 
 class AttentionSpecError(ValueError):
     """An attention pattern or backend was asked for with names or parameters that cannot work."""
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Token ranges of every (query block, key block) tile: q in [qlo, qhi], k in [klo, khi].
+
+    qlo/qhi are (N, 1), klo/khi (1, N); a tile's rule holds somewhere in it iff the
+    pattern's analytic test on these ranges is true.
+    """
+
+    qlo: Tensor
+    qhi: Tensor
+    klo: Tensor
+    khi: Tensor
+    block_size: int
+    seq_len: int
+
+    @classmethod
+    def of(cls, seq_len: int, block_size: int) -> Tiles:
+        n = math.ceil(seq_len / block_size)
+        lo = torch.arange(n, dtype=torch.int32) * block_size  # int32: half the memory traffic
+        hi = torch.clamp(lo + block_size, max=seq_len) - 1
+        return cls(lo[:, None], hi[:, None], lo[None, :], hi[None, :], block_size, seq_len)
+
+    def differences(self, dmin: float, dmax: float, step: int = 1) -> Tensor:
+        """(N, N): some q - k in [dmin, dmax] that is a multiple of `step` lies in the tile.
+
+        Within a tile q - k takes every integer in [qlo - khi, qhi - klo].
+        """
+        lo = torch.clamp(self.qlo - self.khi, min=dmin) if dmin > -math.inf else self.qlo - self.khi
+        hi = torch.clamp(self.qhi - self.klo, max=dmax) if dmax < math.inf else self.qhi - self.klo
+        if step > 1:  # the first multiple of step at or above lo
+            lo = torch.div(lo + step - 1, step, rounding_mode="floor") * step
+        return lo <= hi
+
+    def causal(self) -> Tensor:
+        """(N, N): the tile holds a pair with k <= q."""
+        return self.klo <= self.qhi
+
+    def global_rows(self, positions: Sequence[int], causal: bool) -> Tensor:
+        """(N, N): a global query position in the query block meets a key of the tile."""
+        inside = _holding(positions, self.qlo, self.qhi)  # (P, N, 1)
+        if not causal:
+            return inside.any(dim=0).expand(-1, self.klo.shape[1])
+        pos = torch.tensor(list(positions), dtype=self.klo.dtype).view(-1, 1, 1)
+        return (inside & (pos >= self.klo)).any(dim=0)  # some key at or before it
+
+    def global_cols(self, positions: Sequence[int], causal: bool) -> Tensor:
+        """(N, N): a global key position in the key block is met by a query of the tile."""
+        inside = _holding(positions, self.klo, self.khi)  # (P, 1, N)
+        if not causal:
+            return inside.any(dim=0).expand(self.qlo.shape[0], -1)
+        pos = torch.tensor(list(positions), dtype=self.qhi.dtype).view(-1, 1, 1)
+        return (inside & (pos <= self.qhi)).any(dim=0)  # some query at or after it
+
+
+def _holding(positions: Sequence[int], lo: Tensor, hi: Tensor) -> Tensor:
+    pos = torch.tensor(list(positions), dtype=lo.dtype).view(-1, 1, 1)
+    return (pos >= lo) & (pos <= hi)
 
 
 class Pattern(ABC):
     """Base class of every pattern; subclasses are frozen dataclasses of their parameters."""
 
     name: ClassVar[str]
+    paper: ClassVar[str] = ""
     causal: bool
+    prefix: int
+
+    def __post_init__(self) -> None:
+        if self.prefix < 0:
+            raise AttentionSpecError(f"{self.name}: prefix must be >= 0, got {self.prefix}")
+        if self.prefix and not self.causal:
+            raise AttentionSpecError(f"{self.name}: prefix (prefix-LM) needs causal attention")
 
     @property
     def is_dense(self) -> bool:
-        """True when the pattern is plain full or causal attention (no sparsity)."""
+        """True for plain full or causal attention (no sparsity, no prefix)."""
         return False
 
+    @property
+    def n_heads(self) -> int:
+        """Distinct head layouts: 1 means every head shares one layout."""
+        return 1
+
+    # -- the rule, to be given by each pattern -------------------------------------------
     @abstractmethod
-    def mask_mod(self, b: Tensor | None, h: Tensor | None, q_idx: Tensor, k_idx: Tensor) -> Tensor:
-        """True where query `q_idx` may attend key `k_idx` (absolute positions)."""
+    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, seq_len: int | None) -> Tensor:
+        """True where the pattern (without causality or prefix) lets q meet k."""
 
     @abstractmethod
+    def _tiles(self, t: Tiles) -> Tensor:
+        """(H|1, N, N) or (N, N): tiles holding a pair allowed by `_rule` (and, when causal,
+        with k <= q). Exact: a tile is on only if some pair in it is allowed."""
+
+    # -- composed with causality and prefix-LM, here once for all patterns ---------------
+    def mask_mod_for(self, seq_len: int | None) -> MaskMod:
+        """FlexAttention's `mask_mod(b, h, q_idx, k_idx)` for sequences of `seq_len`."""
+
+        def mask_mod(b: Any, h: Any, q_idx: Tensor, k_idx: Tensor) -> Tensor:
+            allowed = self._rule(h, q_idx, k_idx, seq_len)
+            if self.causal:
+                allowed = allowed & (k_idx <= q_idx)
+            if self.prefix:
+                allowed = allowed | ((q_idx < self.prefix) & (k_idx < self.prefix))
+            return allowed
+
+        return mask_mod
+
+    def mask_mod(self, b: Any, h: Any, q_idx: Tensor, k_idx: Tensor) -> Tensor:
+        """The token-level rule; patterns whose rule depends on length use mask_mod_for."""
+        return self.mask_mod_for(None)(b, h, q_idx, k_idx)
+
     def block_layout(self, seq_len: int, block_size: int) -> Tensor:
         """(H|1, N, N) bool: tiles that contain at least one allowed pair."""
+        t = Tiles.of(seq_len, block_size)
+        grid = self._tiles(t)
+        if self.causal:
+            grid = grid & t.causal()
+        if self.prefix:
+            grid = grid | ((t.qlo < self.prefix) & (t.klo < self.prefix))
+        return grid if grid.dim() == 3 else grid.unsqueeze(0)
 
-    def token_mask(self, q_idx: Tensor, k_idx: Tensor) -> Tensor:
+    def token_mask(self, q_idx: Tensor, k_idx: Tensor, seq_len: int | None = None) -> Tensor:
         """(H|1, Lq, Lk) bool for the given query and key positions."""
-        mask = self.mask_mod(None, None, q_idx[:, None], k_idx[None, :])
+        heads = torch.arange(self.n_heads, device=q_idx.device).view(-1, 1, 1)
+        h = heads if self.n_heads > 1 else None
+        mask = self.mask_mod_for(seq_len)(None, h, q_idx[:, None], k_idx[None, :])
         mask = mask.unsqueeze(0) if mask.dim() == 2 else mask
         return mask.expand(mask.shape[0], q_idx.numel(), k_idx.numel())
 
     def dense_mask(self, seq_len: int) -> Tensor:
         """(H|1, S, S) bool, True where a query may attend a key."""
         idx = torch.arange(seq_len)
-        return self.token_mask(idx, idx)
+        return self.token_mask(idx, idx, seq_len)
+
+    def density(self, seq_len: int) -> float:
+        """Fraction of the S x S pairs the pattern allows (averaged over head layouts)."""
+        return self.dense_mask(seq_len).float().mean().item()
 
     def describe(self) -> dict[str, Any]:
         """Name and parameters, for logs and MLflow params."""
@@ -70,7 +189,7 @@ def register_pattern(cls: type[Pattern]) -> type[Pattern]:
 
 
 def make_pattern(name: str, **params: Any) -> Pattern:
-    """Build a pattern by name, e.g. `make_pattern("dense", causal=True)`."""
+    """Build a pattern by name, e.g. `make_pattern("sliding_window", window=512, causal=True)`."""
     if name not in PATTERNS:
         raise AttentionSpecError(
             f"unknown attention pattern {name!r}; known patterns: {', '.join(sorted(PATTERNS))}"
@@ -78,7 +197,37 @@ def make_pattern(name: str, **params: Any) -> Pattern:
     try:
         return PATTERNS[name](**params)
     except TypeError as exc:  # unexpected or missing keyword
-        raise AttentionSpecError(f"attention pattern {name!r}: {exc}") from None
+        message = str(exc).split("__init__() ")[-1]
+        raise AttentionSpecError(f"attention pattern {name!r}: {message}") from None
+
+
+def _positive(pattern: str, **values: int) -> None:
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise AttentionSpecError(f"{pattern}: {key} must be a positive integer, got {value!r}")
+
+
+def _positions(pattern: str, key: str, values: Sequence[Any]) -> tuple[int, ...]:
+    """Token positions from a list of ints and [start, end) pairs."""
+    out: list[int] = []
+    for v in values:
+        if isinstance(v, (list, tuple)) and len(v) == 2:
+            out += range(int(v[0]), int(v[1]))
+        elif isinstance(v, int) and not isinstance(v, bool):
+            out.append(v)
+        else:
+            raise AttentionSpecError(f"{pattern}: {key} takes positions or [start, end) pairs")
+    if any(p < 0 for p in out):
+        raise AttentionSpecError(f"{pattern}: {key} must be >= 0, got {min(out)}")
+    return tuple(sorted(set(out)))
+
+
+def _in(values: Sequence[int], idx: Tensor) -> Tensor:
+    table = torch.tensor(list(values), dtype=idx.dtype, device=idx.device)
+    return torch.isin(idx, table) if table.numel() else torch.zeros_like(idx, dtype=torch.bool)
+
+
+# ====================================================================== the patterns
 
 
 @register_pattern
@@ -93,24 +242,429 @@ class Dense(Pattern):
       q2  x x x x x            q2  x x x . .
       q3  x x x x x            q3  x x x x .
       q4  x x x x x            q4  x x x x x
-
-    Vaswani et al. 2017, "Attention Is All You Need".
     """
 
     name: ClassVar[str] = "dense"
+    paper: ClassVar[str] = "Vaswani et al. 2017, Attention Is All You Need"
     causal: bool = False
+    prefix: int = 0
 
     @property
     def is_dense(self) -> bool:
-        return True
+        return not self.prefix
 
-    def mask_mod(self, b: Tensor | None, h: Tensor | None, q_idx: Tensor, k_idx: Tensor) -> Tensor:
-        if self.causal:
-            return k_idx <= q_idx
-        return torch.ones_like(q_idx == k_idx)
+    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, seq_len: int | None) -> Tensor:
+        return torch.ones_like(q == k)
 
-    def block_layout(self, seq_len: int, block_size: int) -> Tensor:
-        n = math.ceil(seq_len / block_size)
-        full = torch.ones(1, n, n, dtype=torch.bool)
-        # Block i holds queries i*bs.., block j keys j*bs..: causal tiles are those with j <= i.
-        return full.tril() if self.causal else full
+    def _tiles(self, t: Tiles) -> Tensor:
+        return torch.ones(t.qlo.shape[0], t.klo.shape[1], dtype=torch.bool)
+
+
+@register_pattern
+@dataclass(frozen=True)
+class SlidingWindow(Pattern):
+    """Each query meets the `window` keys ending at it (causal), or the keys within
+    window // 2 on either side (bidirectional). window=3:
+
+    causal                    bidirectional (window // 2 = 1 each side)
+        k 0 1 2 3 4 5             k 0 1 2 3 4 5
+      q0  x . . . . .           q0  x x . . . .
+      q1  x x . . . .           q1  x x x . . .
+      q2  x x x . . .           q2  . x x x . .
+      q3  . x x x . .           q3  . . x x x .
+      q4  . . x x x .           q4  . . . x x x
+      q5  . . . x x x           q5  . . . . x x
+    """
+
+    name: ClassVar[str] = "sliding_window"
+    paper: ClassVar[str] = "Beltagy et al. 2020 (Longformer); Child et al. 2019; Jiang et al. 2023"
+    window: int = 256
+    causal: bool = False
+    prefix: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self.name, window=self.window)
+        super().__post_init__()
+
+    @property
+    def reach(self) -> tuple[int, int]:
+        """The allowed q - k range."""
+        return (0, self.window - 1) if self.causal else (-(self.window // 2), self.window // 2)
+
+    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, seq_len: int | None) -> Tensor:
+        lo, hi = self.reach
+        return (q - k >= lo) & (q - k <= hi)
+
+    def _tiles(self, t: Tiles) -> Tensor:
+        return t.differences(*self.reach)
+
+
+@register_pattern
+@dataclass(frozen=True)
+class Dilated(Pattern):
+    """A sliding window with gaps: `window` keys spaced `dilation` apart, so one layer
+    reaches window * dilation tokens back (Longformer's dilated sliding window).
+    window=3, dilation=2, causal:
+
+        k 0 1 2 3 4 5 6
+      q4  x . x . x . .
+      q5  . x . x . x .
+      q6  . . x . x . x
+    """
+
+    name: ClassVar[str] = "dilated"
+    paper: ClassVar[str] = "Beltagy et al. 2020, Longformer, section 3.1"
+    window: int = 256
+    dilation: int = 2
+    causal: bool = False
+    prefix: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self.name, window=self.window)
+        if not isinstance(self.dilation, int) or self.dilation < 1:
+            raise AttentionSpecError(f"dilated: dilation must be >= 1, got {self.dilation!r}")
+        super().__post_init__()
+
+    @property
+    def reach(self) -> tuple[int, int]:
+        d = self.dilation
+        return (
+            (0, (self.window - 1) * d)
+            if self.causal
+            else (-(self.window // 2) * d, (self.window // 2) * d)
+        )
+
+    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, seq_len: int | None) -> Tensor:
+        lo, hi = self.reach
+        return (q - k >= lo) & (q - k <= hi) & ((q - k) % self.dilation == 0)
+
+    def _tiles(self, t: Tiles) -> Tensor:
+        return t.differences(*self.reach, step=self.dilation)
+
+
+@register_pattern
+@dataclass(frozen=True)
+class Strided(Pattern):
+    """Child et al. 2019's strided pattern with stride l: a query meets the previous l
+    positions (A1: i - j < l) and every l-th position before it (A2: (i - j) mod l = 0),
+    the union of the two factorized heads. Causal only. stride=3:
+
+        k 0 1 2 3 4 5 6 7
+      q5  . . x x x x . .      A1: 3, 4, 5   A2: 5, 2
+      q7  . x . . x x x x      A1: 5, 6, 7   A2: 7, 4, 1
+    """
+
+    name: ClassVar[str] = "strided"
+    paper: ClassVar[str] = "Child et al. 2019, Generating Long Sequences with Sparse Transformers"
+    stride: int = 128
+    causal: bool = True
+    prefix: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self.name, stride=self.stride)
+        if not self.causal:
+            raise AttentionSpecError("strided is defined for causal attention only (Child et al.)")
+        super().__post_init__()
+
+    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, seq_len: int | None) -> Tensor:
+        return (q - k < self.stride) | ((q - k) % self.stride == 0)
+
+    def _tiles(self, t: Tiles) -> Tensor:
+        return t.differences(0, self.stride - 1) | t.differences(0, math.inf, step=self.stride)
+
+
+@register_pattern
+@dataclass(frozen=True)
+class Fixed(Pattern):
+    """Child et al. 2019's fixed pattern: a query meets the earlier keys of its own block of
+    length l (A1: floor(j/l) = floor(i/l)), and the last c "summary" positions of every
+    block (A2: j mod l >= l - c). Causal only. stride l=4, summary c=1:
+
+        k 0 1 2 3 4 5 6 7 8 9
+      q6  . . . x x x x . . .      own block 4..6, summary 3
+      q9  . . . x . . . x x x      own block 8..9, summaries 3 and 7
+    """
+
+    name: ClassVar[str] = "fixed"
+    paper: ClassVar[str] = "Child et al. 2019, Generating Long Sequences with Sparse Transformers"
+    stride: int = 128
+    summary: int = 8
+    causal: bool = True
+    prefix: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self.name, stride=self.stride, summary=self.summary)
+        if self.summary > self.stride:
+            raise AttentionSpecError(f"fixed: summary={self.summary} exceeds stride={self.stride}")
+        if not self.causal:
+            raise AttentionSpecError("fixed is defined for causal attention only (Child et al.)")
+        super().__post_init__()
+
+    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, seq_len: int | None) -> Tensor:
+        l = self.stride  # noqa: E741 - the paper's name
+        return (q // l == k // l) | (k % l >= l - self.summary)
+
+    def _tiles(self, t: Tiles) -> Tensor:
+        l = self.stride  # noqa: E741
+        same_block = torch.maximum(t.qlo // l, t.klo // l) <= torch.minimum(t.qhi // l, t.khi // l)
+        # the first summary position at or after klo: is it inside the key block?
+        r = t.klo % l
+        first = torch.where(r >= l - self.summary, t.klo, t.klo + (l - self.summary - r))
+        # causal (fixed is causal only): that summary key must not come after every query
+        return (same_block & t.causal()) | (first <= torch.minimum(t.khi, t.qhi))
+
+
+@register_pattern
+@dataclass(frozen=True)
+class Longformer(Pattern):
+    """A (possibly dilated) sliding window plus global positions that attend to every key
+    and are attended by every query (Beltagy et al. 2020). window=3, global=[0], causal:
+
+        k 0 1 2 3 4 5
+      q0  x . . . . .
+      q1  x x . . . .
+      q2  x x x . . .
+      q3  x x x x . .      key 0 is global: every query sees it
+      q4  x . x x x .
+      q5  x . . x x x
+
+    `global_tokens` takes positions and [start, end) ranges.
+    """
+
+    name: ClassVar[str] = "longformer"
+    paper: ClassVar[str] = "Beltagy et al. 2020, Longformer: The Long-Document Transformer"
+    window: int = 256
+    global_tokens: tuple[Any, ...] = (0,)
+    dilation: int = 1
+    causal: bool = False
+    prefix: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self,
+            "global_tokens",
+            tuple(tuple(g) if isinstance(g, list) else g for g in self.global_tokens),
+        )
+        _ = self._window, self.globals_  # validates both
+        super().__post_init__()
+
+    @property
+    def globals_(self) -> tuple[int, ...]:
+        return _positions(self.name, "global_tokens", self.global_tokens)
+
+    @property
+    def _window(self) -> Dilated:
+        return Dilated(window=self.window, dilation=self.dilation, causal=self.causal)
+
+    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, seq_len: int | None) -> Tensor:
+        window = self._window._rule(h, q, k, seq_len)
+        return window | _in(self.globals_, q) | _in(self.globals_, k)
+
+    def _tiles(self, t: Tiles) -> Tensor:
+        g = self.globals_
+        return (
+            self._window._tiles(t) | t.global_rows(g, self.causal) | t.global_cols(g, self.causal)
+        )
+
+
+@register_pattern
+@dataclass(frozen=True)
+class BigBird(Pattern):
+    """BigBird (Zaheer et al. 2020) on blocks of `block` tokens: each query block meets
+    `window` neighbouring key blocks (window // 2 each side; causal: window - 1 back),
+    the `global_blocks` (which also meet everything), and `random` further key blocks drawn
+    per query block from a seeded hash, so a layout is reproducible. With per_head=True
+    each head draws its own random blocks. block=1 token, window=3, global=[0], random=1:
+
+        k 0 1 2 3 4 5 6 7
+      q0  x x x x x x x x      global row
+      q4  x . r x x x . .      window 3..5, global 0, one random block (r)
+    """
+
+    name: ClassVar[str] = "bigbird"
+    paper: ClassVar[str] = "Zaheer et al. 2020, Big Bird: Transformers for Longer Sequences"
+    block: int = 64
+    window: int = 3
+    global_blocks: tuple[int, ...] = (0,)
+    random: int = 3
+    seed: int = 0
+    per_head: bool = False
+    heads: int = 1
+    causal: bool = False
+    prefix: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self.name, block=self.block, window=self.window, heads=self.heads)
+        if not isinstance(self.random, int) or self.random < 0:
+            raise AttentionSpecError(f"bigbird: random must be >= 0, got {self.random!r}")
+        object.__setattr__(self, "global_blocks", tuple(self.global_blocks))
+        if any(g < 0 for g in self.global_blocks):
+            raise AttentionSpecError("bigbird: global_blocks must be >= 0")
+        super().__post_init__()
+
+    @property
+    def n_heads(self) -> int:
+        return self.heads if self.per_head else 1
+
+    def random_blocks(self, n_blocks: int, head: int = 0) -> Tensor:
+        """(N, random) the random key blocks of every query block, reproducible from seed."""
+        qb = torch.arange(n_blocks).view(-1, 1)
+        j = torch.arange(self.random).view(1, -1)
+        return self._draw(torch.tensor(head), qb, j, n_blocks)
+
+    def _draw(self, h: Tensor, qb: Tensor, j: Tensor, n_blocks: int | None) -> Tensor:
+        # A 32-bit integer hash (Wang/Jenkins-style mixing) of (seed, head, query block, j):
+        # the same draws at every length, on every device, for the token rule and the layout.
+        x = (qb * 1_000_003 + j * 7919 + h * 104_729 + self.seed * 15_485_863) & 0x7FFFFFFF
+        for _ in range(2):
+            x = ((x >> 16) ^ x) * 0x45D9F3B & 0x7FFFFFFF
+        x = (x >> 16) ^ x
+        if self.causal:  # from the blocks at or before the query block
+            return x % (qb + 1)
+        if n_blocks is None:
+            raise AttentionSpecError(
+                "bidirectional bigbird draws random blocks from all "
+                "blocks: use mask_mod_for(seq_len)"
+            )
+        return x % n_blocks
+
+    def _block_rule(self, h: Tensor, qb: Tensor, kb: Tensor, n_blocks: int | None) -> Tensor:
+        half = self.window // 2
+        lo, hi = (-(self.window - 1), 0) if self.causal else (-half, half)
+        window = (kb - qb >= lo) & (kb - qb <= hi)
+        globals_ = _in(self.global_blocks, qb) | _in(self.global_blocks, kb)
+        random = torch.zeros_like(window)
+        for j in range(self.random):
+            random = random | (kb == self._draw(h, qb, torch.tensor(j), n_blocks))
+        return window | globals_ | random
+
+    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, seq_len: int | None) -> Tensor:
+        n_blocks = None if seq_len is None else math.ceil(seq_len / self.block)
+        head = h if (h is not None and self.per_head) else torch.tensor(0)
+        return self._block_rule(head, q // self.block, k // self.block, n_blocks)
+
+    def _tiles(self, t: Tiles) -> Tensor:
+        n_blocks = math.ceil(t.seq_len / self.block)
+        heads = torch.arange(self.n_heads).view(-1, 1, 1)
+
+        def rule(qb: Tensor, kb: Tensor) -> Tensor:
+            return self._block_rule(heads, qb, kb, n_blocks)
+
+        return _block_rule_tiles(rule, self.block, self.causal, t)
+
+
+def _block_rule_tiles(
+    rule: Callable[[Tensor, Tensor], Tensor], block: int, causal: bool, t: Tiles
+) -> Tensor:
+    """The exact tile layout of a rule defined on `block`-token blocks.
+
+    The rule is evaluated on units of gcd(block, tile) tokens, where causality is exact
+    (a unit pair holds a k <= q iff the key unit is not after the query unit), then each
+    tile ORs the units it covers: O((S / unit)^2), independent of the token count.
+    """
+    unit = math.gcd(block, t.block_size)
+    units = torch.arange(math.ceil(t.seq_len / unit))
+    qu, ku = units.view(1, -1, 1), units.view(1, 1, -1)
+    grid = rule(qu * unit // block, ku * unit // block)
+    if causal:
+        grid = grid & (ku <= qu)
+    return _regrid(grid.expand(grid.shape[0], units.numel(), units.numel()), unit, t)
+
+
+def _regrid(grid: Tensor, unit: int, t: Tiles) -> Tensor:
+    """Map an (H, n, n) grid over `unit`-token blocks onto the tiles of `t`: a tile is on if
+    any unit pair it covers is on."""
+    if unit == t.block_size:
+        return grid
+    H, n, _ = grid.shape
+    # prefix sums let each tile ask "any on in this rectangle?" in O(1)
+    csum = torch.zeros(H, n + 1, n + 1, dtype=torch.int32)
+    csum[:, 1:, 1:] = grid.int().cumsum(1).cumsum(2)
+    r0, r1 = (t.qlo // unit).view(-1), (t.qhi // unit).view(-1) + 1
+    c0, c1 = (t.klo // unit).view(-1), (t.khi // unit).view(-1) + 1
+    total = (
+        csum[:, r1][:, :, c1]
+        - csum[:, r0][:, :, c1]
+        - csum[:, r1][:, :, c0]
+        + csum[:, r0][:, :, c0]
+    )
+    return total > 0
+
+
+@register_pattern
+@dataclass(frozen=True)
+class Variable(Pattern):
+    """DeepSpeed's VariableSparsityConfig, in blocks of `block` tokens: the sequence is cut
+    into consecutive local windows of `local_windows` blocks (the last size repeats); a
+    query block meets the key blocks of its own window, the `global_blocks` (and the
+    ranges [global_blocks[i], global_end_blocks[i]) when given), and with
+    horizontal_global, global query blocks meet everything. local_windows=[2, 3],
+    global=[0], block=1:
+
+        k 0 1 2 3 4 5 6 7
+      q1  x x . . . . . .      window 0..1
+      q3  x . x x x . . .      window 2..4, global 0
+      q6  x . . . . x x x      window 5..7, global 0
+    """
+
+    name: ClassVar[str] = "variable"
+    paper: ClassVar[str] = "DeepSpeed sparse attention (VariableSparsityConfig); Child et al. 2019"
+    block: int = 16
+    local_windows: tuple[int, ...] = (4,)
+    global_blocks: tuple[int, ...] = (0,)
+    global_end_blocks: tuple[int, ...] | None = None
+    horizontal_global: bool = False
+    causal: bool = False
+    prefix: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self.name, block=self.block)
+        object.__setattr__(self, "local_windows", tuple(self.local_windows))
+        object.__setattr__(self, "global_blocks", tuple(self.global_blocks))
+        if not self.local_windows:
+            raise AttentionSpecError("variable: local_windows needs at least one size")
+        _positive(self.name, **{f"local_windows[{i}]": w for i, w in enumerate(self.local_windows)})
+        if self.global_end_blocks is not None:
+            ends = tuple(self.global_end_blocks)
+            object.__setattr__(self, "global_end_blocks", ends)
+            if len(ends) != len(self.global_blocks) or any(
+                e <= s for s, e in zip(self.global_blocks, ends, strict=True)
+            ):
+                raise AttentionSpecError(
+                    "variable: global_end_blocks must pair with global_blocks, each end > start"
+                )
+        if any(g < 0 for g in self.global_blocks):
+            raise AttentionSpecError("variable: global_blocks must be >= 0")
+        super().__post_init__()
+
+    def _window_of(self, blocks: Tensor) -> Tensor:
+        """Index of the local window holding each block; the last size repeats."""
+        *listed, last = self.local_windows
+        listed_end = sum(listed)
+        bounds = torch.tensor(list(itertools.accumulate(listed)), dtype=blocks.dtype)
+        head = torch.bucketize(blocks, bounds, right=True)
+        tail = len(listed) + torch.div(blocks - listed_end, last, rounding_mode="floor")
+        return torch.where(blocks >= listed_end, tail, head)
+
+    def _global_blocks(self) -> tuple[int, ...]:
+        if self.global_end_blocks is None:
+            return self.global_blocks
+        return tuple(
+            b
+            for s, e in zip(self.global_blocks, self.global_end_blocks, strict=True)
+            for b in range(s, e)
+        )
+
+    def _block_rule(self, qb: Tensor, kb: Tensor) -> Tensor:
+        allowed = self._window_of(qb) == self._window_of(kb)
+        glob = self._global_blocks()
+        allowed = allowed | _in(glob, kb)
+        if self.horizontal_global:
+            allowed = allowed | _in(glob, qb)
+        return allowed
+
+    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, seq_len: int | None) -> Tensor:
+        return self._block_rule(q // self.block, k // self.block)
+
+    def _tiles(self, t: Tiles) -> Tensor:
+        return _block_rule_tiles(self._block_rule, self.block, self.causal, t)
