@@ -14,7 +14,15 @@ import math
 import torch
 from torch import Tensor, nn
 
-from models.attention import BatchGeometry, Dense, backends_for, make_backend, make_pattern
+from models.attention import (
+    PATTERNS,
+    AttentionSpecError,
+    BatchGeometry,
+    Dense,
+    Pattern,
+    make_backend,
+    make_pattern,
+)
 from models.config import AttentionConfig, ModelConfig
 from models.layers import AttentionBatch, Block, KVCache, make_norm
 from models.positional import LearnedPositions, SinusoidalPositions, alibi_slopes, rope_cos_sin
@@ -57,12 +65,20 @@ class TransformerStack(nn.Module):
         cross: bool = False,
     ) -> None:
         super().__init__()
-        self.pattern = make_pattern(attention.pattern, causal=causal, **attention.params)
-        self.backend = make_backend(attention.backend, self.pattern)
+        self.pattern = stack_pattern(attention, causal, cfg.n_heads)
+        self.backend = make_backend(attention.backend, self.pattern, attention.block_size)
+        if cfg.positional == "alibi" and not self.backend.supports_alibi:
+            raise AttentionSpecError(
+                f"positional 'alibi' is not supported by backend {attention.backend!r}"
+            )
+        if cfg.dropout > 0 and not self.backend.supports_dropout:
+            raise AttentionSpecError(
+                f"backend {attention.backend!r} applies no attention dropout: set dropout 0"
+            )
         cross_backend = None
         if cross:  # cross-attention sees the whole source: dense, never causal
             full = Dense(causal=False)
-            name = attention.backend if attention.backend in backends_for(full) else "sdpa"
+            name = attention.backend if attention.backend in ("sdpa", "reference") else "sdpa"
             cross_backend = make_backend(name, full)
         self.blocks = nn.ModuleList(
             Block(cfg, self.backend, cross_backend) for _ in range(n_layers)
@@ -80,6 +96,7 @@ class TransformerStack(nn.Module):
         q_offset: int,
         key_padding_mask: Tensor | None,
         like: Tensor,
+        document_ids: Tensor | None = None,
     ) -> AttentionBatch:
         """The per-batch mask and rotary angles for self-attention over q_offset + q_len keys."""
         geo = BatchGeometry(
@@ -89,6 +106,7 @@ class TransformerStack(nn.Module):
             key_padding_mask=key_padding_mask,
             alibi_slopes=self.alibi,
             device=like.device,
+            document_ids=document_ids,
         )
         rope = None
         if self.rope_theta is not None:
@@ -106,6 +124,7 @@ class TransformerStack(nn.Module):
             kv_len=memory.shape[1],
             key_padding_mask=memory_padding_mask,
             device=memory.device,
+            self_attention=False,
         )
         return AttentionBatch(geo, self.cross_backend.prepare(geo, memory.dtype))
 
@@ -121,6 +140,20 @@ class TransformerStack(nn.Module):
             layer_cache = cache.layer(i) if cache is not None else None
             x = block(x, batch, cross_batch, memory, layer_cache)
         return self.norm(x)
+
+
+def stack_pattern(attention: AttentionConfig, causal: bool, n_heads: int) -> Pattern:
+    """The attention config's pattern for a stack; per-head patterns get the head count."""
+    params = dict(attention.params)
+    cls = PATTERNS.get(attention.pattern)
+    if cls is not None and "heads" in getattr(cls, "__dataclass_fields__", {}):
+        params.setdefault("heads", n_heads)
+    pattern = make_pattern(attention.pattern, causal=causal, **params)
+    if pattern.n_heads not in (1, n_heads):
+        raise AttentionSpecError(
+            f"pattern {attention.pattern!r} has {pattern.n_heads} head layouts for {n_heads} heads"
+        )
+    return pattern
 
 
 def init_weights(model: nn.Module, cfg: ModelConfig, n_residual_layers: int) -> None:
@@ -157,12 +190,15 @@ class DecoderLM(nn.Module):
         input_ids: Tensor,  # (B, S)
         key_padding_mask: Tensor | None = None,  # (B, S) bool, True for real tokens
         cache: KVCache | None = None,
+        document_ids: Tensor | None = None,  # (B, S) packed documents, ascending ids
     ) -> Tensor:
         offset = cache.length if cache is not None else 0
-        if cache is not None and key_padding_mask is not None:
-            raise ValueError("KV-cache decoding takes unpadded prompts")
+        if cache is not None and (key_padding_mask is not None or document_ids is not None):
+            raise ValueError("KV-cache decoding takes unpadded, single-document prompts")
         x = self.embed(input_ids, offset)
-        batch = self.decoder.attention_batch(input_ids.shape[1], offset, key_padding_mask, x)
+        batch = self.decoder.attention_batch(
+            input_ids.shape[1], offset, key_padding_mask, x, document_ids
+        )
         return self.lm_head(self.decoder(x, batch, cache=cache))  # (B, S, V)
 
     def new_cache(self) -> KVCache:
@@ -185,14 +221,26 @@ class EncoderMLM(nn.Module):
             self.lm_head.weight = self.embed.tokens.weight
         init_weights(self, cfg, cfg.n_layers)
 
-    def encode(self, input_ids: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+    def encode(
+        self,
+        input_ids: Tensor,
+        key_padding_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
+    ) -> Tensor:
         """(B, S) token ids -> (B, S, C) contextual states."""
         x = self.embed(input_ids)
-        batch = self.encoder.attention_batch(input_ids.shape[1], 0, key_padding_mask, x)
+        batch = self.encoder.attention_batch(
+            input_ids.shape[1], 0, key_padding_mask, x, document_ids
+        )
         return self.encoder(x, batch)
 
-    def forward(self, input_ids: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        h = self.encode(input_ids, key_padding_mask)
+    def forward(
+        self,
+        input_ids: Tensor,
+        key_padding_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
+    ) -> Tensor:
+        h = self.encode(input_ids, key_padding_mask, document_ids)
         h = self.head_norm(nn.functional.gelu(self.head_transform(h)))
         return self.lm_head(h)  # (B, S, V)
 

@@ -34,38 +34,34 @@ def test_dense_pattern_three_views_agree(causal):
 
 
 def test_unknown_pattern_and_backend_list_the_known_names():
-    with pytest.raises(AttentionSpecError, match="known patterns: dense"):
+    with pytest.raises(AttentionSpecError, match="known patterns: bigbird, dense, dilated"):
         make_pattern("longformerr")
-    with pytest.raises(AttentionSpecError, match="known backends: reference, sdpa"):
+    with pytest.raises(
+        AttentionSpecError, match="known backends: blocksparse, flex, reference, sdpa"
+    ):
         make_backend("flash3", Dense())
     with pytest.raises(AttentionSpecError, match="unexpected keyword"):
         make_pattern("dense", window=4)
 
 
 def test_unsupported_pair_fails_at_construction_naming_both():
-    class Checkerboard(Dense):  # a non-dense pattern stands in for the sparse ones to come
-        name = "checkerboard"
-
-        @property
-        def is_dense(self) -> bool:
-            return False
-
-        def mask_mod(self, b, h, q_idx, k_idx):
-            return (q_idx + k_idx) % 2 == 0
-
+    window = make_pattern("sliding_window", window=2, causal=True)
     with pytest.raises(
         AttentionSpecError,
-        match="'checkerboard' is not supported by backend "
-        "'sdpa' \\(backends that support it: reference\\)",
+        match="'sliding_window' is not supported by backend "
+        "'sdpa' \\(backends that support it: blocksparse, flex, reference\\)",
     ):
-        make_backend("sdpa", Checkerboard())
-    reference = make_backend("reference", Checkerboard())
+        make_backend("sdpa", window)
+    with pytest.raises(AttentionSpecError, match="attention pattern 'sliding_window'"):
+        build_model(
+            preset_config("tiny"), AttentionConfig(pattern="sliding_window", params={"window": 4})
+        )
+    reference = make_backend("reference", window)
     q = k = v = torch.randn(1, 2, 6, 8)
     geo = BatchGeometry(q_len=6, kv_len=6)
     out = reference.attend(q, k, v, reference.prepare(geo, q.dtype), 0.0)
-    # query 0 may meet keys 0, 2, 4 only
     probs = reference.probs(q, k, geo)
-    assert torch.equal(probs[0, 0, 0] > 0, torch.tensor([True, False] * 3))
+    assert torch.equal(probs[0, 0, 4] > 0, torch.tensor([False, False, False, True, True, False]))
     assert out.shape == (1, 2, 6, 8)
 
 

@@ -141,7 +141,7 @@ BAD = [
         ["training.global_batch_size", "not a multiple of training.micro_batch_size"],
     ),
     ("model:\n  positional: relative\n", (), ["model.positional", "'sinusoidal'"]),
-    ("attention:\n  pattern: longformerr\n", (), ["attention.pattern", "known patterns: dense"]),
+    ("attention:\n  pattern: longformerr\n", (), ["attention.pattern", "known patterns: bigbird, dense"]),
     ("attention:\n  backend: flash\n", (), ["attention.backend", "known backends"]),
     ("attention:\n  params: {window: 3}\n", (), ["attention.params", "window"]),
     ("schedule:\n  cron: '* * *'\n", (), ["schedule.cron", "invalid cron expression"]),

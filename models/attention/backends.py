@@ -10,6 +10,7 @@ Shapes: B batch, H query heads, Hkv key/value heads, Lq queries, Lk keys, D head
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.attention.blocksparse import BlockSparsePlan, block_sparse_attention, build_plan
 from models.attention.patterns import AttentionSpecError, Pattern
 
 
@@ -31,15 +33,23 @@ class BatchGeometry:
     key_padding_mask: Tensor | None = None  # (B, Lk) bool, True for real tokens
     alibi_slopes: Tensor | None = None  # (H,) ALiBi slopes, or None
     device: torch.device | None = None
+    # (B, Lk) packed sequences: a query meets keys of its own document only (ids ascending)
+    document_ids: Tensor | None = None
+    self_attention: bool = True  # False for cross-attention (keys from another sequence)
+
+    @property
+    def is_aligned(self) -> bool:
+        """Queries and keys are the same positions (training, prefill without cache)."""
+        return self.self_attention and self.q_offset == 0 and self.q_len == self.kv_len
 
     @property
     def is_plain(self) -> bool:
-        """No padding, no bias, queries aligned with keys: the kernel may use its own mask."""
+        """No padding, no documents, no bias, aligned: the kernel may use its own mask."""
         return (
-            self.key_padding_mask is None
+            self.is_aligned
+            and self.key_padding_mask is None
+            and self.document_ids is None
             and self.alibi_slopes is None
-            and self.q_offset == 0
-            and self.q_len == self.kv_len
         )
 
 
@@ -47,9 +57,13 @@ def dense_bias(pattern: Pattern, geo: BatchGeometry, dtype: torch.dtype) -> Tens
     """(B|1, H|1, Lq, Lk) additive mask: 0 (or the ALiBi bias) where allowed, -inf elsewhere."""
     q_idx = torch.arange(geo.q_offset, geo.q_offset + geo.q_len, device=geo.device)
     k_idx = torch.arange(geo.kv_len, device=geo.device)
-    allowed = pattern.token_mask(q_idx, k_idx).unsqueeze(0)  # (1, H|1, Lq, Lk)
-    if geo.key_padding_mask is not None:
-        allowed = allowed & geo.key_padding_mask[:, None, None, :]
+    allowed = pattern.token_mask(q_idx, k_idx, geo.kv_len).unsqueeze(0)  # (1, H|1, Lq, Lk)
+    if geo.document_ids is not None:
+        docs = geo.document_ids
+        allowed = allowed & (docs[:, q_idx][:, None, :, None] == docs[:, None, None, :])
+    if geo.key_padding_mask is not None or geo.document_ids is not None:
+        if geo.key_padding_mask is not None:
+            allowed = allowed & geo.key_padding_mask[:, None, None, :]
         # A query with no key to attend (a padding query whose keys are all padding) would
         # give NaN through softmax; let it attend everything instead. Its output is
         # padding and never read, but NaN would poison the backward pass.
@@ -65,14 +79,17 @@ class Backend(ABC):
     """Computes attention for one pattern."""
 
     name: ClassVar[str]
+    supports_alibi: ClassVar[bool] = True
+    supports_dropout: ClassVar[bool] = True
 
-    def __init__(self, pattern: Pattern) -> None:
+    def __init__(self, pattern: Pattern, block_size: int = 64) -> None:
         if not self.supports(pattern):
             raise AttentionSpecError(
                 f"attention pattern {pattern.name!r} is not supported by backend {self.name!r}"
                 f" (backends that support it: {', '.join(backends_for(pattern))})"
             )
         self.pattern = pattern
+        self.block_size = block_size
 
     @classmethod
     @abstractmethod
@@ -112,16 +129,18 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
 
 
 def backends_for(pattern: Pattern) -> list[str]:
-    return [name for name, cls in BACKENDS.items() if cls.supports(pattern)]
+    return sorted(name for name, cls in BACKENDS.items() if cls.supports(pattern))
 
 
-def make_backend(name: str, pattern: Pattern) -> Backend:
+def make_backend(name: str, pattern: Pattern, block_size: int = 64) -> Backend:
     """The backend `name` bound to `pattern`; fails now if the pair cannot work."""
     if name not in BACKENDS:
         raise AttentionSpecError(
             f"unknown attention backend {name!r}; known backends: {', '.join(sorted(BACKENDS))}"
         )
-    return BACKENDS[name](pattern)
+    if not 16 <= block_size <= 128:
+        raise AttentionSpecError(f"block_size must be in [16, 128], got {block_size}")
+    return BACKENDS[name](pattern, block_size)
 
 
 @dataclass
@@ -172,8 +191,167 @@ class ReferenceBackend(Backend):
         return dense_bias(self.pattern, geo, dtype)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: Any, dropout_p: float) -> Tensor:
-        k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, Lq, Lk)
-        p = torch.softmax(scores + prepared, dim=-1)
-        p = F.dropout(p, dropout_p) if dropout_p > 0 else p
-        return p @ v
+        return _masked_softmax_attention(q, k, v, prepared, dropout_p)
+
+
+def _masked_softmax_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout_p: float = 0.0
+) -> Tensor:
+    k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, Lq, Lk)
+    p = torch.softmax(scores.float() + bias.float(), dim=-1).to(q.dtype)
+    p = F.dropout(p, dropout_p) if dropout_p > 0 else p
+    return p @ v
+
+
+@register_backend
+class BlockSparseBackend(Backend):
+    """Block-sparse attention in plain PyTorch (models.attention.blocksparse): every pattern,
+    forward and backward on any device, memory O(S * blocks per row * block).
+
+    Decoding with a KV cache (a few queries against many keys) falls back to masked dense
+    softmax over the cached keys, which is O(queries x keys) and exact.
+    """
+
+    name: ClassVar[str] = "blocksparse"
+    supports_alibi: ClassVar[bool] = False
+    supports_dropout: ClassVar[bool] = False
+
+    @classmethod
+    def supports(cls, pattern: Pattern) -> bool:
+        return True
+
+    def prepare(self, geo: BatchGeometry, dtype: torch.dtype) -> Any:
+        if not geo.is_aligned:
+            return dense_bias(self.pattern, geo, dtype)
+        return build_plan(
+            self.pattern,
+            geo.q_len,
+            self.block_size,
+            geo.device,
+            geo.document_ids,
+            geo.key_padding_mask,
+        )
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: Any, dropout_p: float) -> Tensor:
+        if isinstance(prepared, BlockSparsePlan):
+            return block_sparse_attention(q, k, v, prepared)
+        return _masked_softmax_attention(q, k, v, prepared)
+
+
+_compiled_flex: Any = None
+
+
+@dataclass
+class _FlexMask:
+    block_mask: Any
+    bias: Tensor | None  # decoding fallback
+
+
+@register_backend
+class FlexBackend(Backend):
+    """PyTorch FlexAttention with a BlockMask built from the pattern's analytic layout (never
+    by evaluating the mask on S x S points). Compiled on CUDA, where it is the fast path; on
+    CPU it runs the forward pass only (FlexAttention has no CPU backward)."""
+
+    name: ClassVar[str] = "flex"
+    supports_alibi: ClassVar[bool] = False
+    supports_dropout: ClassVar[bool] = False
+
+    @classmethod
+    def supports(cls, pattern: Pattern) -> bool:
+        return True
+
+    def prepare(self, geo: BatchGeometry, dtype: torch.dtype) -> _FlexMask:
+        if not geo.is_aligned:
+            return _FlexMask(None, dense_bias(self.pattern, geo, dtype))
+        return _FlexMask(flex_block_mask(self.pattern, geo, self.block_size), None)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: Any, dropout_p: float) -> Tensor:
+        if prepared.bias is not None:
+            return _masked_softmax_attention(q, k, v, prepared.bias)
+        if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+            raise AttentionSpecError(
+                "backend 'flex' has no backward pass on CPU (a FlexAttention limit); "
+                "train with backend 'blocksparse' on CPU"
+            )
+        from torch.nn.attention.flex_attention import flex_attention
+
+        global _compiled_flex
+        gqa = k.shape[1] != q.shape[1]
+        if q.device.type == "cuda":
+            if _compiled_flex is None:
+                _compiled_flex = torch.compile(flex_attention, dynamic=False)
+            return _compiled_flex(q, k, v, block_mask=prepared.block_mask, enable_gqa=gqa)
+        with warnings.catch_warnings():  # eager on CPU is expected: it is the forward check
+            warnings.simplefilter("ignore", UserWarning)
+            return flex_attention(q, k, v, block_mask=prepared.block_mask, enable_gqa=gqa)
+
+
+def flex_block_mask(pattern: Pattern, geo: BatchGeometry, block_size: int) -> Any:
+    """A FlexAttention BlockMask from the analytic layout: partial and full tiles come from
+    the block-sparse plan; the token rule (with documents and padding) from mask_mod."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    plan = build_plan(
+        pattern,
+        geo.q_len,
+        block_size,
+        geo.device,
+        geo.document_ids,
+        geo.key_padding_mask,
+        band=False,
+    )
+    partial = plan.valid & ~plan.full  # (Bm, Hm, N, K)
+    n = plan.n_blocks
+
+    def indices(on: Tensor) -> tuple[Tensor, Tensor]:
+        count = on.sum(-1).to(torch.int32)
+        order = torch.argsort((~on).to(torch.int8), dim=-1, stable=True)
+        idx = torch.gather(plan.kv_idx, -1, order)
+        full_width = torch.zeros(*idx.shape[:-1], n, dtype=torch.int32, device=idx.device)
+        full_width[..., : idx.shape[-1]] = idx.to(torch.int32)
+        return count, full_width
+
+    kv_num, kv_idx = indices(partial)
+    full_num, full_idx = indices(plan.full & plan.valid)
+    rule = pattern.mask_mod_for(geo.q_len)
+    docs, keep = geo.document_ids, geo.key_padding_mask
+
+    def mask_mod(b: Any, h: Any, q_idx: Tensor, k_idx: Tensor) -> Tensor:
+        allowed = rule(b, h, q_idx, k_idx)
+        if docs is not None:
+            allowed = allowed & (docs[b, q_idx] == docs[b, k_idx])
+        if keep is not None:
+            allowed = allowed & keep[b, k_idx]
+        return allowed
+
+    return BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=block_size,
+        mask_mod=mask_mod,
+        seq_lengths=(geo.q_len, geo.kv_len),
+    )
+
+
+def sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pattern: Pattern,
+    backend: str = "blocksparse",
+    block_size: int = 64,
+    document_ids: Tensor | None = None,
+) -> Tensor:
+    """Attention restricted to `pattern`: q (B, H, S, D), k and v (B, Hkv, S, D).
+
+    Builds the per-batch mask once; inside a model, the stack does this for all layers.
+    """
+    impl = make_backend(backend, pattern, block_size)
+    geo = BatchGeometry(
+        q_len=q.shape[2], kv_len=k.shape[2], device=q.device, document_ids=document_ids
+    )
+    return impl.attend(q, k, v, impl.prepare(geo, q.dtype), 0.0)
