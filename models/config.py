@@ -108,6 +108,15 @@ class ModelConfig(_Node):
         return 0 if self.family == "encoder" else self.n_layers
 
 
+class AdaptiveSpanConfig(_Node):
+    """Adaptive attention span (Sukhbaatar et al. 2019) for a decoder's self-attention."""
+
+    max_span: int = Field(1024, ge=1)
+    ramp: int = Field(32, ge=1)
+    init: float = Field(0.5, ge=0.0, le=1.0, description="initial span, fraction of max_span")
+    loss_coefficient: float = Field(2e-6, ge=0.0, description="weight of the span penalty")
+
+
 class AttentionConfig(_Node):
     """Which query/key pairs may meet (pattern + params) and how it is computed (backend).
 
@@ -119,6 +128,7 @@ class AttentionConfig(_Node):
     params: dict[str, Any] = Field(default_factory=dict)
     backend: str = "sdpa"
     block_size: int = Field(64, ge=16, le=128)
+    adaptive_span: AdaptiveSpanConfig | None = None
 
 
 # --------------------------------------------------------------------------- presets
@@ -236,9 +246,11 @@ def param_breakdown(cfg: ModelConfig) -> dict[str, int]:
     return parts
 
 
-def count_params(cfg: ModelConfig) -> int:
-    """Total parameter count of the model `cfg` describes (exact)."""
-    return sum(param_breakdown(cfg).values())
+def count_params(cfg: ModelConfig, attention: AttentionConfig | None = None) -> int:
+    """Total parameter count of the model `cfg` describes (exact); adaptive attention spans,
+    when the attention config has them, add one parameter per head and decoder layer."""
+    spans = cfg.n_heads * cfg.n_layers if attention and attention.adaptive_span else 0
+    return sum(param_breakdown(cfg).values()) + spans
 
 
 def matmul_params(cfg: ModelConfig) -> int:

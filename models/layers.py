@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention import Backend, BatchGeometry
-from models.config import ModelConfig
+from models.attention.adaptive_span import AdaptiveSpan
+from models.config import AdaptiveSpanConfig, ModelConfig
 from models.positional import apply_rope
 
 
@@ -77,7 +78,13 @@ class Attention(nn.Module):
     the keys and values come from another sequence (the encoder's output).
     """
 
-    def __init__(self, cfg: ModelConfig, backend: Backend, cross: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        backend: Backend,
+        cross: bool = False,
+        span: AdaptiveSpanConfig | None = None,
+    ) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         kv_dim = self.n_kv_heads * self.head_dim
@@ -86,6 +93,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.bias)
         self.out_proj = _residual(nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias))
         self.backend, self.cross, self.dropout = backend, cross, cfg.dropout
+        self.span = AdaptiveSpan(cfg.n_heads, span.max_span, span.ramp, span.init) if span else None
         self.capture = False  # set by models.maps.capture_attention
         self.captured: Tensor | None = None
 
@@ -111,10 +119,18 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, *batch.rope), apply_rope(k, *batch.rope)
             if cache is not None:
                 k, v = cache.append(k, v)  # (B, Hkv, T + L, D)
-        dropout_p = self.dropout if self.training else 0.0
-        out = self.backend.attend(q, k, v, batch.prepared, dropout_p)  # (B, H, L, D)
+        if self.span is not None:  # learned spans decide which keys are scored
+            out = self.span.attend(q, k, v, batch.geo.q_offset, self.backend.block_size)
+        else:
+            dropout_p = self.dropout if self.training else 0.0
+            out = self.backend.attend(q, k, v, batch.prepared, dropout_p)  # (B, H, L, D)
         if self.capture:
-            self.captured = self.backend.probs(q, k, batch.geo).detach()
+            probs = (
+                self.span.probs(q, k, batch.geo.q_offset)
+                if self.span is not None
+                else self.backend.probs(q, k, batch.geo)
+            )
+            self.captured = probs.detach()
         B, _, L, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(B, L, -1))
 
@@ -138,10 +154,16 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: self-attention, optional cross-attention, MLP."""
 
-    def __init__(self, cfg: ModelConfig, backend: Backend, cross_backend: Backend | None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        backend: Backend,
+        cross_backend: Backend | None,
+        span: AdaptiveSpanConfig | None = None,
+    ) -> None:
         super().__init__()
         self.attn_norm = make_norm(cfg)
-        self.attn = Attention(cfg, backend)
+        self.attn = Attention(cfg, backend, span=span)
         self.cross_norm = make_norm(cfg) if cross_backend else None
         self.cross_attn = Attention(cfg, cross_backend, cross=True) if cross_backend else None
         self.mlp_norm = make_norm(cfg)

@@ -75,13 +75,20 @@ class TransformerStack(nn.Module):
             raise AttentionSpecError(
                 f"backend {attention.backend!r} applies no attention dropout: set dropout 0"
             )
+        span = attention.adaptive_span if causal and not cross else None
+        if attention.adaptive_span is not None and (
+            cfg.family != "decoder" or not self.pattern.is_dense
+        ):
+            raise AttentionSpecError(
+                "adaptive_span is for a decoder's causal self-attention with pattern 'dense'"
+            )
         cross_backend = None
         if cross:  # cross-attention sees the whole source: dense, never causal
             full = Dense(causal=False)
             name = attention.backend if attention.backend in ("sdpa", "reference") else "sdpa"
             cross_backend = make_backend(name, full)
         self.blocks = nn.ModuleList(
-            Block(cfg, self.backend, cross_backend) for _ in range(n_layers)
+            Block(cfg, self.backend, cross_backend, span) for _ in range(n_layers)
         )
         self.norm = make_norm(cfg)
         self.cross_backend = cross_backend

@@ -258,7 +258,7 @@ class JobSpec(_Node):
                 "data.tokenizer.vocab_size",
                 f"{vocab} exceeds model.vocab_size={m.vocab_size}",
             )
-        _check_attention(self.attention, m)
+        _check_attention(self.attention, m, self.data.seq_len)
         return self
 
     @property
@@ -267,20 +267,35 @@ class JobSpec(_Node):
         return t.global_batch_size // (t.micro_batch_size * self.resources.num_workers)
 
 
-def _check_attention(attn: AttentionConfig, model: ModelConfig) -> None:
-    """The pattern and backend exist, take these parameters, and work together."""
-    from models.attention import AttentionSpecError, make_backend, make_pattern
+def _check_attention(attn: AttentionConfig, model: ModelConfig, seq_len: int) -> None:
+    """The pattern and backend exist, take these parameters, fit the sequence length and
+    work with the model: the checks the model makes at construction, made before any run."""
+    from models.attention import AttentionSpecError, make_pattern
+    from models.transformer import build_model
 
     causal = model.family != "encoder"
     try:
-        pattern = make_pattern(attn.pattern, causal=causal, **attn.params)
+        make_pattern(attn.pattern, causal=causal, **attn.params).validate(seq_len)
     except AttentionSpecError as exc:
-        field = "attention.pattern" if "unknown" in str(exc) else "attention.params"
+        field = (
+            "attention.pattern" if "unknown attention pattern" in str(exc) else "attention.params"
+        )
         raise FieldError(field, str(exc)) from None
     try:
-        make_backend(attn.backend, pattern)
+        import torch
+
+        with torch.device("meta"):  # construction only: no memory, no initialisation
+            build_model(ModelConfig(**model.model_dump(exclude={"preset"})), attn)
     except AttentionSpecError as exc:
-        raise FieldError("attention.backend", str(exc)) from None
+        message = str(exc)
+        fields = {
+            "adaptive_span": "attention.adaptive_span",
+            "dropout": "model.dropout",
+            "alibi": "model.positional",
+            "head layouts": "attention.params",
+        }
+        field = next((f for key, f in fields.items() if key in message), "attention.backend")
+        raise FieldError(field, message) from None
 
 
 # Nodes that accept `preset: NAME`, and the named diffs they draw from.

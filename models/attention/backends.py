@@ -285,6 +285,7 @@ class FlexBackend(Backend):
             return _compiled_flex(q, k, v, block_mask=prepared.block_mask, enable_gqa=gqa)
         with warnings.catch_warnings():  # eager on CPU is expected: it is the forward check
             warnings.simplefilter("ignore", UserWarning)
+            q, k, v = q.detach(), k.detach(), v.detach()  # no grad here: checked above
             return flex_attention(q, k, v, block_mask=prepared.block_mask, enable_gqa=gqa)
 
 

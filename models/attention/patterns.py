@@ -148,8 +148,12 @@ class Pattern(ABC):
         """The token-level rule; patterns whose rule depends on length use mask_mod_for."""
         return self.mask_mod_for(None)(b, h, q_idx, k_idx)
 
+    def validate(self, seq_len: int) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Raise AttentionSpecError if the parameters do not fit sequences of `seq_len`."""
+
     def block_layout(self, seq_len: int, block_size: int) -> Tensor:
         """(H|1, N, N) bool: tiles that contain at least one allowed pair."""
+        self.validate(seq_len)
         t = Tiles.of(seq_len, block_size)
         grid = self._tiles(t)
         if self.causal:
@@ -168,6 +172,7 @@ class Pattern(ABC):
 
     def dense_mask(self, seq_len: int) -> Tensor:
         """(H|1, S, S) bool, True where a query may attend a key."""
+        self.validate(seq_len)
         idx = torch.arange(seq_len)
         return self.token_mask(idx, idx, seq_len)
 
@@ -220,6 +225,14 @@ def _positions(pattern: str, key: str, values: Sequence[Any]) -> tuple[int, ...]
     if any(p < 0 for p in out):
         raise AttentionSpecError(f"{pattern}: {key} must be >= 0, got {min(out)}")
     return tuple(sorted(set(out)))
+
+
+def _in_range(pattern: str, key: str, values: Sequence[int], limit: int, unit: str) -> None:
+    bad = [v for v in values if v >= limit]
+    if bad:
+        raise AttentionSpecError(
+            f"{pattern}: {key} {bad[0]} is out of range for a sequence of {limit} {unit}"
+        )
 
 
 def _in(values: Sequence[int], idx: Tensor) -> Tensor:
@@ -452,6 +465,9 @@ class Longformer(Pattern):
     def globals_(self) -> tuple[int, ...]:
         return _positions(self.name, "global_tokens", self.global_tokens)
 
+    def validate(self, seq_len: int) -> None:
+        _in_range(self.name, "global_tokens", self.globals_, seq_len, "tokens")
+
     @property
     def _window(self) -> Dilated:
         return Dilated(window=self.window, dilation=self.dilation, causal=self.causal)
@@ -505,6 +521,10 @@ class BigBird(Pattern):
     @property
     def n_heads(self) -> int:
         return self.heads if self.per_head else 1
+
+    def validate(self, seq_len: int) -> None:
+        n_blocks = math.ceil(seq_len / self.block)
+        _in_range(self.name, "global_blocks", self.global_blocks, n_blocks, "blocks")
 
     def random_blocks(self, n_blocks: int, head: int = 0) -> Tensor:
         """(N, random) the random key blocks of every query block, reproducible from seed."""
@@ -645,6 +665,10 @@ class Variable(Pattern):
         head = torch.bucketize(blocks, bounds, right=True)
         tail = len(listed) + torch.div(blocks - listed_end, last, rounding_mode="floor")
         return torch.where(blocks >= listed_end, tail, head)
+
+    def validate(self, seq_len: int) -> None:
+        n_blocks = math.ceil(seq_len / self.block)
+        _in_range(self.name, "global_blocks", self._global_blocks(), n_blocks, "blocks")
 
     def _global_blocks(self) -> tuple[int, ...]:
         if self.global_end_blocks is None:
