@@ -214,9 +214,21 @@ def test_bigbird_block_counts_per_row():
     layout = pattern.block_layout(n * 4, 4)[0]  # BigBird block = tile: its own block grid
     random = pattern.random_blocks(n)
     for a in range(1, n):
-        expected = {a - 1, a, min(a + 1, n - 1), 0} | set(random[a].tolist())
+        window = {a - 1, a, min(a + 1, n - 1)}
+        drawn = set(random[a].tolist())
+        # r distinct random blocks, outside the window and the global block, as in the paper
+        assert len(drawn) == 2 and not drawn & (window | {0})
+        expected = window | {0} | drawn
         assert set(layout[a].nonzero().flatten().tolist()) == expected
+        if 2 <= a <= n - 2:
+            assert len(expected) == 3 + 1 + 2  # window + global + random, every row alike
     assert layout[0].all()  # the global block row
+    causal = make_pattern("bigbird", block=4, window=3, global_blocks=[0], random=2, causal=True)
+    table = causal.random_blocks(n)
+    # causal: from the blocks before the window (a-2..a) other than the global block 0
+    assert all(set(table[a].tolist()) <= set(range(1, a - 2)) for a in range(5, n))
+    assert table[4].tolist() in ([1, -1], [-1, 1])  # one candidate only: the row has fewer
+    assert torch.equal(causal.random_blocks(8), table[:8])  # the same draws at any length
     # seeded and reproducible; another seed draws other blocks
     again = make_pattern("bigbird", block=4, window=3, global_blocks=[0], random=2, seed=5)
     assert torch.equal(again.random_blocks(n), random)
@@ -336,7 +348,7 @@ def test_adaptive_span_clamps_and_penalises():
         model.decoder.blocks[0].attn.span.fraction.fill_(1.7)
     clamp_spans(model)
     assert model.decoder.blocks[0].attn.span.fraction.max() == 1.0
-    assert float(span_penalty(model)) == pytest.approx(40 * (1.0 + 0.5))
+    assert float(span_penalty(model).detach()) == pytest.approx(40 * (1.0 + 0.5))
 
 
 # ------------------------------------------------------------- heatmaps

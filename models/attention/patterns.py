@@ -20,6 +20,7 @@ Shapes: H heads (1 when the layout is shared by all heads), S sequence, N blocks
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from abc import ABC, abstractmethod
@@ -527,36 +528,29 @@ class BigBird(Pattern):
         _in_range(self.name, "global_blocks", self.global_blocks, n_blocks, "blocks")
 
     def random_blocks(self, n_blocks: int, head: int = 0) -> Tensor:
-        """(N, random) the random key blocks of every query block, reproducible from seed."""
-        qb = torch.arange(n_blocks).view(-1, 1)
-        j = torch.arange(self.random).view(1, -1)
-        return self._draw(torch.tensor(head), qb, j, n_blocks)
+        """(N, random) the random key blocks of every query block (-1 where a row has fewer
+        candidates than `random`), reproducible from the seed."""
+        return _bigbird_random_table(self, n_blocks)[head if self.per_head else 0]
 
-    def _draw(self, h: Tensor, qb: Tensor, j: Tensor, n_blocks: int | None) -> Tensor:
-        # A 32-bit integer hash (Wang/Jenkins-style mixing) of (seed, head, query block, j):
-        # the same draws at every length, on every device, for the token rule and the layout.
-        x = (qb * 1_000_003 + j * 7919 + h * 104_729 + self.seed * 15_485_863) & 0x7FFFFFFF
-        for _ in range(2):
-            x = ((x >> 16) ^ x) * 0x45D9F3B & 0x7FFFFFFF
-        x = (x >> 16) ^ x
-        if self.causal:  # from the blocks at or before the query block
-            return x % (qb + 1)
-        if n_blocks is None:
-            raise AttentionSpecError(
-                "bidirectional bigbird draws random blocks from all "
-                "blocks: use mask_mod_for(seq_len)"
-            )
-        return x % n_blocks
-
-    def _block_rule(self, h: Tensor, qb: Tensor, kb: Tensor, n_blocks: int | None) -> Tensor:
+    def _window(self, qb: Tensor, kb: Tensor) -> Tensor:
         half = self.window // 2
         lo, hi = (-(self.window - 1), 0) if self.causal else (-half, half)
-        window = (kb - qb >= lo) & (kb - qb <= hi)
+        return (kb - qb >= lo) & (kb - qb <= hi)
+
+    def _block_rule(self, h: Tensor, qb: Tensor, kb: Tensor, n_blocks: int | None) -> Tensor:
+        if n_blocks is None:
+            if not self.causal:
+                raise AttentionSpecError(
+                    "bidirectional bigbird draws random blocks from all blocks: "
+                    "use mask_mod_for(seq_len)"
+                )
+            # causal draws for a row depend only on the blocks before it: any length will do
+            n_blocks = int(qb.max()) + 1
         globals_ = _in(self.global_blocks, qb) | _in(self.global_blocks, kb)
-        random = torch.zeros_like(window)
-        for j in range(self.random):
-            random = random | (kb == self._draw(h, qb, torch.tensor(j), n_blocks))
-        return window | globals_ | random
+        table = _bigbird_random_table(self, n_blocks).to(qb.device)  # (Hn, N, r)
+        drawn = table[h.to(qb.device), qb.clamp(0, n_blocks - 1)]  # (..., r)
+        random = (drawn == kb.unsqueeze(-1)).any(dim=-1)
+        return self._window(qb, kb) | globals_ | random
 
     def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, seq_len: int | None) -> Tensor:
         n_blocks = None if seq_len is None else math.ceil(seq_len / self.block)
@@ -571,6 +565,52 @@ class BigBird(Pattern):
             return self._block_rule(heads, qb, kb, n_blocks)
 
         return _block_rule_tiles(rule, self.block, self.causal, t)
+
+
+@functools.lru_cache(maxsize=64)
+def _bigbird_random_table(pattern: BigBird, n_blocks: int) -> Tensor:
+    """(Hn, N, r) BigBird's random key blocks: for each query block, `random` distinct blocks
+    drawn from those outside its window and the globals (causal: at or before it), as the
+    paper does, so every row has the same count wherever there are enough candidates; -1
+    pads a row that has fewer.
+
+    Draw j of row a is a 32-bit integer hash of (seed, head, a, j) (Wang/Jenkins-style
+    mixing) taken modulo the candidates left, then mapped past earlier draws and excluded
+    blocks: O(N * random * (random + window + globals)), the same on every device, and for
+    causal patterns the same at every length."""
+    heads = torch.arange(pattern.n_heads).view(-1, 1)
+    a = torch.arange(n_blocks).view(1, -1)  # (1, N) query blocks
+    hi = a if pattern.causal else torch.full_like(a, n_blocks - 1)  # last candidate block
+    half = pattern.window // 2
+    w_lo, w_hi = (a - (pattern.window - 1), a) if pattern.causal else (a - half, a + half)
+    w_lo, w_hi = w_lo.clamp(min=0), torch.minimum(w_hi, hi)
+    globals_ = torch.tensor(sorted(set(pattern.global_blocks)), dtype=torch.long).view(1, 1, -1)
+    outside = (globals_ < w_lo.unsqueeze(-1)) | (globals_ > w_hi.unsqueeze(-1))
+    glob = torch.where(
+        outside & (globals_ <= hi.unsqueeze(-1)), globals_, torch.full_like(globals_, 1 << 40)
+    )  # (1, N, G) excluded globals
+    window = w_lo.unsqueeze(-1) + torch.arange(pattern.window).view(1, 1, -1)
+    window = torch.where(window <= w_hi.unsqueeze(-1), window, torch.full_like(window, 1 << 40))
+    excluded = torch.sort(torch.cat([window, glob], dim=-1), dim=-1).values  # (1, N, E)
+    count = hi + 1 - (excluded < (1 << 40)).sum(-1)  # candidates per row, (1, N)
+
+    table = torch.full((pattern.n_heads, n_blocks, pattern.random), -1, dtype=torch.long)
+    chosen = torch.empty(pattern.n_heads, n_blocks, 0, dtype=torch.long)  # ranks, sorted
+    for j in range(pattern.random):
+        x = (a * 1_000_003 + j * 7919 + heads * 104_729 + pattern.seed * 15_485_863) & 0x7FFFFFFF
+        for _ in range(2):
+            x = ((x >> 16) ^ x) * 0x45D9F3B & 0x7FFFFFFF
+        x = (x >> 16) ^ x
+        left = count - j
+        rank = x % left.clamp(min=1)  # among the candidates not drawn yet
+        for i in range(chosen.shape[-1]):  # skip past earlier draws, in ascending order
+            rank = rank + (rank >= chosen[..., i])
+        chosen = torch.sort(torch.cat([chosen, rank.unsqueeze(-1)], -1), dim=-1).values
+        block = rank.clone()
+        for e in range(excluded.shape[-1]):  # candidate rank -> block, skipping exclusions
+            block = block + (block >= excluded[..., e])
+        table[..., j] = torch.where(left > 0, block, torch.full_like(block, -1))
+    return table
 
 
 def _block_rule_tiles(
