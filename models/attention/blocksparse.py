@@ -8,12 +8,13 @@ tiles that are only partly allowed. The kernel walks (batch, head, chunk of quer
     P      = softmax(scores + mask)   only partial tiles are masked
     O      = P @ V_slots
 
-and its backward recomputes P from the saved log-sum-exp (as FlashAttention does), so
-memory is O(S * K * bs) per head, never O(S^2). Two things make it fast on a CPU:
+and its backward recomputes P chunk by chunk instead of keeping it (as FlashAttention
+does), so memory is O(S * K * bs) per head, never O(S^2). What makes it fast on a CPU:
 - Band layouts (sliding windows) read their key slots as a strided view of K, so nothing
   is copied; other layouts gather their key blocks once per chunk into a reused buffer.
 - Every score-sized buffer is allocated once per call and reused chunk after chunk, so it
   stays in cache and never page-faults; fully allowed tiles are never masked.
+- Softmax and its backward are PyTorch's fused kernels, one pass each over a chunk.
 
 Shapes: B batch, H query heads, Hkv key/value heads, S sequence, D head dim, N query
 blocks, K key slots per query block, bs block size, c query blocks per chunk.
@@ -265,7 +266,6 @@ class BlockSparseAttention(torch.autograd.Function):
         if n * bs != S:
             qs = F.pad(qs, (0, 0, 0, n * bs - S))  # (B, H, N*bs, D)
         out = q.new_empty(B, H, n * bs, D)
-        lse = q.new_empty(B, H, n * bs)
         scores = q.new_empty(chunk, bs, K * bs)
         for b in range(B):
             for h in range(H):
@@ -274,36 +274,29 @@ class BlockSparseAttention(torch.autograd.Function):
                 keys = _Slots(plan, k[b, h // groups], chunk)
                 values = _Slots(plan, v[b, h // groups], chunk)
                 qh, oh = qs[b, h].view(n, bs, D), out[b, h].view(n, bs, D)
-                lh = lse[b, h].view(n, bs, 1)
                 for c0 in range(0, n, chunk):
                     c1 = min(n, c0 + chunk)
                     kg, vg = keys.take(idx[c0:c1], c0, c1), values.take(idx[c0:c1], c0, c1)
                     s = torch.bmm(qh[c0:c1], kg.transpose(1, 2), out=scores[: c1 - c0])
                     _apply_masks(s, plan, bi, hi, c0)
-                    m = s.amax(dim=-1, keepdim=True)
-                    s.sub_(m).exp_()
-                    denom = s.sum(dim=-1, keepdim=True)
-                    o = torch.bmm(s, vg, out=oh[c0:c1])
-                    o.div_(denom)  # normalise the (c, bs, D) output, not the scores
-                    lh[c0:c1] = m + denom.log()
-        ctx.save_for_backward(qs, k, v, out, lse)
+                    torch.bmm(torch.softmax(s, dim=-1), vg, out=oh[c0:c1])
+        ctx.save_for_backward(qs, k, v)
         ctx.plan, ctx.chunk, ctx.seq_len = plan, chunk, S
         return out if n * bs == S else out[:, :, :S].clone()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        qs, k, v, out, lse = ctx.saved_tensors
+        qs, k, v = ctx.saved_tensors
         plan: BlockSparsePlan = ctx.plan
         chunk, S = ctx.chunk, ctx.seq_len
         B, H, SP, D = qs.shape
         bs, n, K = plan.block_size, plan.n_blocks, plan.slots
         groups = H // k.shape[1]
         do = (F.pad(grad_out, (0, 0, 0, SP - S)) if SP != S else grad_out).contiguous()
-        delta = (do * out).sum(-1)  # (B, H, N*bs): rowsum(dO * O) = rowsum(P * dP)
         dq = torch.empty_like(qs)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        p_buf = qs.new_empty(chunk, bs, K * bs)
-        dp_buf = qs.new_empty(chunk, bs, K * bs)
+        s_buf = qs.new_empty(chunk, bs, K * bs)
+        ds_buf = qs.new_empty(chunk, bs, K * bs)
         dkv_buf = qs.new_empty(2, chunk, K * bs, D)
         for b in range(B):
             for kvh in range(k.shape[1]):
@@ -320,19 +313,17 @@ class BlockSparseAttention(torch.autograd.Function):
                     idx = plan.kv_idx[bi, hi]
                     qh, doh = qs[b, h].view(n, bs, D), do[b, h].view(n, bs, D)
                     dqh = dq[b, h].view(n, bs, D)
-                    lh, dh = lse[b, h].view(n, bs, 1), delta[b, h].view(n, bs, 1)
                     for c0 in range(0, n, chunk):
                         c1 = min(n, c0 + chunk)
                         c = c1 - c0
                         kg, vg = keys.take(idx[c0:c1], c0, c1), values.take(idx[c0:c1], c0, c1)
-                        # P = exp(scores - lse), with lse folded into the matmul's input
-                        p = torch.bmm(qh[c0:c1], kg.transpose(1, 2), out=p_buf[:c])
-                        _apply_masks(p, plan, bi, hi, c0)
-                        p.sub_(lh[c0:c1]).exp_()
+                        s = torch.bmm(qh[c0:c1], kg.transpose(1, 2), out=s_buf[:c])
+                        _apply_masks(s, plan, bi, hi, c0)
+                        p = torch.softmax(s, dim=-1)  # recomputed: O(S * K * bs) memory
                         dvg = torch.bmm(p.transpose(1, 2), doh[c0:c1], out=dkv_buf[1, :c])
-                        # dS = P * (dO V^T - delta)
-                        ds = torch.bmm(doh[c0:c1], vg.transpose(1, 2), out=dp_buf[:c])
-                        ds.sub_(dh[c0:c1]).mul_(p)
+                        # dS = P * (dP - rowsum(P * dP)): softmax's own fused backward
+                        dp = torch.bmm(doh[c0:c1], vg.transpose(1, 2), out=ds_buf[:c])
+                        ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
                         torch.bmm(ds, kg, out=dqh[c0:c1])
                         dkg = torch.bmm(ds.transpose(1, 2), qh[c0:c1], out=dkv_buf[0, :c])
                         _accumulate(plan, gk, idx, c0, c1, dkg.view(c * K, bs, D))
