@@ -13,6 +13,7 @@ pairs over the pairs the block layout computes). Also the time to build each lay
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -22,11 +23,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-    # Large buffers from mmap return to the OS when freed, so RSS tracks live memory.
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +57,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
+            _release_free_memory()  # so that RSS is live memory, not the allocator's cache
             self.base = self.high = _rss()
             self.running = True
             self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -80,6 +77,11 @@ class PeakMemory:
             self.running = False
             self.thread.join()
             self.peak = max(0, max(self.high, _rss()) - self.base)
+
+
+def _release_free_memory() -> None:
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _rss() -> int:

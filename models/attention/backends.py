@@ -301,7 +301,7 @@ def flex_block_mask(pattern: Pattern, geo: BatchGeometry, block_size: int) -> An
         geo.device,
         geo.document_ids,
         geo.key_padding_mask,
-        band=False,
+        allow_band=False,
     )
     partial = plan.valid & ~plan.full  # (Bm, Hm, N, K)
     n = plan.n_blocks

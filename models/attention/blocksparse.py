@@ -57,10 +57,6 @@ class BlockSparsePlan:
     def slots(self) -> int:
         return self.kv_idx.shape[3]
 
-    def kv_blocks_computed(self) -> int:
-        """Key blocks each head computes, summed over query blocks (the work done)."""
-        return int(self.kv_idx.shape[2] * self.kv_idx.shape[3])
-
 
 def build_plan(
     pattern: Pattern,
@@ -69,18 +65,18 @@ def build_plan(
     device: torch.device | None = None,
     document_ids: Tensor | None = None,  # (B, S)
     key_padding_mask: Tensor | None = None,  # (B, S) bool, True for real tokens
-    band: bool = True,
+    allow_band: bool = True,
 ) -> BlockSparsePlan:
     """The plan for one batch: analytic layout, slot lists, and partial-tile masks.
 
-    `band=False` forces explicit slot lists (FlexAttention's BlockMask needs them)."""
+    `allow_band=False` forces explicit slot lists (FlexAttention's BlockMask needs them)."""
     bs = block_size
     n = math.ceil(seq_len / bs)
     layout = pattern.block_layout(seq_len, bs).to(device)  # (Hl, N, N)
     layout = layout.unsqueeze(0)  # (1, Hl, N, N)
     if document_ids is not None:
         layout = layout & _document_tiles(document_ids, seq_len, bs)
-    band = _band(layout) if band else None
+    band = _band(layout) if allow_band else None
     if band is not None:
         lead, width = band
         rows = torch.arange(n, device=device).view(1, 1, n, 1)
