@@ -32,6 +32,7 @@ from models.attention import (
     make_backend,
     make_pattern,
 )
+from models.attention.patterns import _bigbird_random_table
 
 PATTERNS: dict[str, dict[str, Any]] = {
     "sliding_window": {"window": 512},
@@ -125,6 +126,22 @@ def passes(
     return {"fwd": fwd, "fwd+bwd": fwd_bwd}
 
 
+def layout_timing(pname: str, seq_len: int, block_size: int) -> dict[str, Any]:
+    """Time to build a pattern's block layout, cold (BigBird's random draws not cached)."""
+    pattern = make_pattern(pname, causal=True, **PATTERNS[pname])
+    pattern.block_layout(1024, block_size)  # warm-up of the code paths, at another length
+    _bigbird_random_table.cache_clear()
+    start = time.perf_counter()
+    layout = pattern.block_layout(seq_len, block_size)
+    return {
+        "pattern": pname,
+        "seq_len": seq_len,
+        "block_size": block_size,
+        "layout_build_ms": (time.perf_counter() - start) * 1e3,
+        "blocks": int(layout.shape[-1]) ** 2,
+    }
+
+
 def bench_length(
     seq_len: int,
     args: argparse.Namespace,
@@ -160,17 +177,7 @@ def bench_length(
 
     for pname in args.patterns:
         pattern = make_pattern(pname, causal=True, **PATTERNS[pname])
-        pattern.block_layout(seq_len, args.block_size)  # warm-up
-        start = time.perf_counter()
-        pattern.block_layout(seq_len, args.block_size)
-        layouts.append(
-            {
-                "pattern": pname,
-                "seq_len": seq_len,
-                "block_size": args.block_size,
-                "layout_build_ms": (time.perf_counter() - start) * 1e3,
-            }
-        )
+        layouts.append(layout_timing(pname, seq_len, args.block_size))
         pairs = computed_pairs(pattern, seq_len, args.block_size)
         for bname in args.backends:
             if bname == "flex" and device.type == "cpu" and seq_len > CPU_FLEX_MAX_LEN:
@@ -218,6 +225,13 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--layout-lens",
+        type=int,
+        nargs="*",
+        default=[65536],
+        help="extra lengths at which only the layout build is timed",
+    )
     ap.add_argument("--out", default="benchmarks/results/attention.json")
     args = ap.parse_args()
 
@@ -231,6 +245,8 @@ def main() -> None:
 
     for seq_len in args.seq_lens:
         bench_length(seq_len, args, device, dtype, record, layouts)
+    for seq_len in args.layout_lens:
+        layouts += [layout_timing(p, seq_len, args.block_size) for p in args.patterns]
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

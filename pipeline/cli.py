@@ -12,7 +12,8 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from pipeline.config import JobSpec, SpecError, load_spec, resolved_yaml
+from pipeline.config import JobSpec, load_spec, resolved_yaml
+from pipeline.errors import UserError
 
 app = typer.Typer(
     name="attnpipe",
@@ -38,7 +39,7 @@ def fail(message: str) -> NoReturn:
 def load(spec: Path, overrides: list[str] | None) -> JobSpec:
     try:
         return load_spec(spec, overrides or [])
-    except SpecError as exc:
+    except UserError as exc:
         fail(str(exc))
 
 
@@ -56,6 +57,29 @@ def validate(
         typer.echo(json.dumps(resolved.model_dump(mode="json"), indent=2))
     else:
         typer.echo(resolved_yaml(resolved), nl=False)
+
+
+@app.command()
+def run(spec: SpecArg, overrides: OverridesArg = None) -> None:
+    """Run a job locally on an embedded Ray and MLflow (kinds: preprocess)."""
+    resolved = load(spec, overrides)
+    from pipeline.run import run_job
+
+    try:
+        result = run_job(resolved)
+    except UserError as exc:
+        fail(str(exc))
+    counts = result["counts"]
+    summary = {
+        "out_dir": result["out_dir"],
+        "cache_hit": result["cache_hit"],
+        "documents": counts["documents_out"],
+        "tokens": counts["tokens"],
+        "dropped": counts["dropped"],
+        "samples": {k: v["samples"] for k, v in result["splits"].items()},
+        "mlflow_run_id": result["mlflow_run_id"],
+    }
+    typer.echo(json.dumps(summary, indent=2))
 
 
 @app.command("models")

@@ -21,11 +21,12 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from models.config import PRESETS, AttentionConfig, FieldError, ModelConfig, _Node
+from pipeline.errors import UserError
 
 JobKind = Literal["preprocess", "train", "evaluate", "retrain", "pipeline"]
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A job spec cannot be used; the message is one line naming what and where."""
 
 

@@ -77,24 +77,32 @@ class Tiles:
 
     def global_rows(self, positions: Sequence[int], causal: bool) -> Tensor:
         """(N, N): a global query position in the query block meets a key of the tile."""
-        inside = _holding(positions, self.qlo, self.qhi)  # (P, N, 1)
+        last = _extreme_in_blocks(positions, self.qlo, self.qhi, last=True)  # (N, 1)
         if not causal:
-            return inside.any(dim=0).expand(-1, self.klo.shape[1])
-        pos = torch.tensor(list(positions), dtype=self.klo.dtype).view(-1, 1, 1)
-        return (inside & (pos >= self.klo)).any(dim=0)  # some key at or before it
+            return (last >= 0).expand(-1, self.klo.shape[1])
+        return last >= self.klo  # the block's last global query sees keys up to itself
 
     def global_cols(self, positions: Sequence[int], causal: bool) -> Tensor:
         """(N, N): a global key position in the key block is met by a query of the tile."""
-        inside = _holding(positions, self.klo, self.khi)  # (P, 1, N)
+        first = _extreme_in_blocks(positions, self.klo, self.khi, last=False)  # (1, N)
         if not causal:
-            return inside.any(dim=0).expand(self.qlo.shape[0], -1)
-        pos = torch.tensor(list(positions), dtype=self.qhi.dtype).view(-1, 1, 1)
-        return (inside & (pos <= self.qhi)).any(dim=0)  # some query at or after it
+            return (first >= 0).expand(self.qlo.shape[0], -1)
+        return (first >= 0) & (first <= self.qhi)  # some query at or after the first global
 
 
-def _holding(positions: Sequence[int], lo: Tensor, hi: Tensor) -> Tensor:
-    pos = torch.tensor(list(positions), dtype=lo.dtype).view(-1, 1, 1)
-    return (pos >= lo) & (pos <= hi)
+def _extreme_in_blocks(positions: Sequence[int], lo: Tensor, hi: Tensor, last: bool) -> Tensor:
+    """The last (or first) of the sorted `positions` inside each block [lo, hi], else -1:
+    a binary search per block, O(N log P)."""
+    pos = torch.tensor(sorted(positions), dtype=lo.dtype)
+    if pos.numel() == 0:
+        return torch.full_like(lo, -1)
+    if last:
+        i = torch.searchsorted(pos, hi, right=True) - 1
+        found = pos[i.clamp(min=0)]
+        return torch.where((i >= 0) & (found >= lo), found, torch.full_like(found, -1))
+    i = torch.searchsorted(pos, lo)
+    found = pos[i.clamp(max=pos.numel() - 1)]
+    return torch.where((i < pos.numel()) & (found <= hi), found, torch.full_like(found, -1))
 
 
 class Pattern(ABC):

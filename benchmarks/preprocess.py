@@ -1,0 +1,158 @@
+"""Preprocessing throughput, side by side in one run, on the same corpus and tokenizer:
+
+- attnpipe's Ray Data pipeline (normalize, filter, dedup, tokenize, split, pack, shards)
+  with 2 CPUs and with 1 CPU;
+- the baseline: Hugging Face datasets `.map(batched=True, num_proc=2)` tokenizing and
+  packing the same documents.
+
+The corpus is the demo corpus, repeated with a distinct first line per copy (so that
+deduplication keeps every copy) until it passes --min-mb megabytes.
+
+    python benchmarks/preprocess.py --out benchmarks/results/preprocess.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def build_corpus(folder: Path, min_mb: float) -> tuple[Path, int]:
+    from pipeline.data.sources import demo_documents
+
+    docs = demo_documents()
+    path = folder / "corpus.jsonl"
+    size, copies = 0, 0
+    with path.open("w") as f:
+        while size < min_mb * 1e6:
+            for i, doc in enumerate(docs):
+                line = json.dumps({"text": f"Copy {copies}, scene {i}.\n{doc}"}) + "\n"
+                f.write(line)
+                size += len(line.encode())
+            copies += 1
+    return path, size
+
+
+def run_pipeline(corpus: Path, tokenizer: Path, out: Path, cpus: int) -> dict[str, Any]:
+    import ray
+
+    from pipeline.config import DataNode, SourceNode
+    from pipeline.data.preprocess import preprocess
+
+    ray.init(
+        num_cpus=cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1"
+    )
+    try:
+        node = DataNode(
+            sources=[SourceNode(kind="files", path=str(corpus))],
+            seq_len=256,
+            tokenizer={"path": str(tokenizer)},
+            samples_per_shard=4096,
+        )
+        start = time.perf_counter()
+        manifest = preprocess(node, out, vocab_size=8192, parallelism=cpus, progress=lambda m: None)
+        seconds = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    tokens = manifest["counts"]["tokens"]
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds}
+
+
+def run_datasets_baseline(corpus: Path, tokenizer: Path, procs: int) -> dict[str, Any]:
+    import datasets
+    from tokenizers import Tokenizer
+
+    datasets.disable_progress_bars()
+    tok_json = Tokenizer.from_file(str(tokenizer)).to_str()
+
+    def encode_and_pack(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
+        tok = Tokenizer.from_str(tok_json)
+        eod = tok.token_to_id("<|endoftext|>")
+        encoded = tok.encode_batch(batch["text"], add_special_tokens=False)
+        flat = np.concatenate([np.append(np.asarray(e.ids, dtype=np.uint32), eod) for e in encoded])
+        n = -(-flat.size // 257)
+        blocks = np.pad(flat, (0, n * 257 - flat.size)).reshape(n, 257)
+        return {"input_ids": list(blocks), "n_tokens": [int(flat.size)] + [0] * (n - 1)}
+
+    start = time.perf_counter()
+    ds = datasets.load_dataset(
+        "json", data_files=str(corpus), split="train", cache_dir=str(corpus.parent / "hf-cache")
+    )
+    packed = ds.map(
+        encode_and_pack,
+        batched=True,
+        num_proc=procs,
+        remove_columns=ds.column_names,
+        load_from_cache_file=False,
+    )
+    tokens = int(sum(packed["n_tokens"]))
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--min-mb", type=float, default=20.0)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results/preprocess.json")
+    args = ap.parse_args()
+
+    from pipeline.data.sources import demo_documents
+    from pipeline.data.tokenizer import train_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        corpus, size = build_corpus(folder, args.min_mb)
+        tokenizer = folder / "tokenizer.json"
+        train_tokenizer(demo_documents(), 8192).save(str(tokenizer))
+        print(f"corpus: {size / 1e6:.1f} MB", file=sys.stderr)
+        runs: dict[str, list[dict[str, Any]]] = {
+            "pipeline_2cpu": [],
+            "pipeline_1cpu": [],
+            "datasets_num_proc_2": [],
+        }
+        for r in range(args.repeats):
+            runs["datasets_num_proc_2"].append(run_datasets_baseline(corpus, tokenizer, 2))
+            for cpus in (2, 1):
+                out = folder / f"out-{cpus}-{r}"
+                runs[f"pipeline_{cpus}cpu"].append(run_pipeline(corpus, tokenizer, out, cpus))
+            print(json.dumps({k: v[-1] for k, v in runs.items()}), file=sys.stderr)
+
+    def best(name: str) -> float:
+        return max(x["tokens_per_second"] for x in runs[name])
+
+    result = {
+        "corpus_mb": size / 1e6,
+        "repeats": args.repeats,
+        "runs": runs,
+        "tokens_per_second_max": {k: best(k) for k in runs},
+        "tokens_per_second_median": {
+            k: statistics.median(x["tokens_per_second"] for x in v) for k, v in runs.items()
+        },
+        "speedup_vs_datasets": best("pipeline_2cpu") / best("datasets_num_proc_2"),
+        "scaling_1_to_2_cpus": best("pipeline_2cpu") / best("pipeline_1cpu"),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in ("speedup_vs_datasets", "scaling_1_to_2_cpus", "tokens_per_second_max")
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data: sources, Ray Data preprocessing into packed token shards, and the training reader."""

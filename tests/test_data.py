@@ -1,0 +1,343 @@
+"""Data: text stages, packing, shards, the resumable reader, and the Ray Data pipeline run on
+a real local Ray instance."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import DataNode, SourceNode
+from pipeline.data import text as stages
+from pipeline.data.reader import ShardReader
+from pipeline.data.shards import (
+    PAD_DOC,
+    pack_documents,
+    pack_pairs,
+    read_manifest,
+    write_json,
+    write_shards,
+)
+from pipeline.data.sources import demo_documents, demo_pairs, load_source
+from pipeline.errors import DataError
+
+# ------------------------------------------------------------------ text stages
+
+
+def test_normalize_text():
+    raw = "Cafe\u0301\x07  au\tlait \r\n\r\n\r\n\n  next\u00a0line  "
+    assert stages.normalize_text(raw) == "Caf\u00e9 au lait\n\nnext line"
+
+
+def test_filter_reasons():
+    assert stages.filter_reason("", 1, None) == "empty"
+    assert stages.filter_reason("abc", 5, None) == "too_short"
+    assert stages.filter_reason("abcdef", 1, 4) == "too_long"
+    assert stages.filter_reason("abcd", 2, 10) == ""
+
+
+def test_split_is_a_function_of_content_only():
+    docs = [f"document number {i}" for i in range(2000)]
+    hashes = [stages.content_hash(d) for d in docs]
+    val = {d for d, h in zip(docs, hashes, strict=True) if stages.is_validation(h, 0.1)}
+    assert 120 < len(val) < 280  # about 10%
+    more = docs + [f"a new document {i}" for i in range(500)]
+    val_more = {d for d in more if stages.is_validation(stages.content_hash(d), 0.1)}
+    assert val <= val_more and not (val_more - val) & set(docs)  # old documents stay put
+
+
+# ------------------------------------------------------------------ packing
+
+
+def test_packing_keeps_every_token_once_in_order_with_document_ids():
+    rng = random.Random(0)
+    docs = [(i, [rng.randrange(3, 500) for _ in range(rng.randrange(1, 40))]) for i in range(50)]
+    eod, pad, block = 1, 2, 17
+    packed = pack_documents(docs, block, eod, pad)
+    tokens, ids = packed[:, 0].reshape(-1), packed[:, 1].reshape(-1)
+    real = ids != PAD_DOC
+    expected = np.concatenate([np.array([*toks, eod]) for _, toks in docs])
+    assert np.array_equal(tokens[real], expected)  # every token once, in order
+    assert (tokens[~real] == pad).all() and real[: real.sum()].all()  # padding only at the end
+    # document ids change exactly after end-of-document tokens
+    changes = np.nonzero(np.diff(ids[real].astype(np.int64)))[0]
+    eods = np.nonzero(tokens[real] == eod)[0]
+    assert np.array_equal(changes, eods[:-1])
+    assert packed.shape == (-(-len(expected) // block), 2, block)
+
+
+def test_long_documents_continue_into_the_next_block():
+    packed = pack_documents([(7, list(range(3, 40)))], 10, eod=1, pad=2)
+    assert packed.shape[0] == 4 and (packed[:3, 1] == 7).all()
+
+
+def test_pack_pairs_truncates_and_groups_by_length():
+    pairs = [(0, [5] * 9, [6] * 3), (1, [5] * 2, [6] * 8), (2, [5] * 5, [6] * 5)]
+    rows = pack_pairs(pairs, max_source=6, max_target=4, eod=1, pad=2, bos=3)
+    assert rows.shape == (3, 2, 11)
+    # truncated lengths (source + EOD, BOS + target + EOD): (6, 5), (3, 5), (6, 5)
+    assert rows[:, 1, 0].tolist() == [1, 0, 2]  # shortest first, ties in their order
+    first = rows[0, 0]
+    assert first[:3].tolist() == [5, 5, 1] and first[3:6].tolist() == [2, 2, 2]
+    assert first[6:11].tolist() == [3, 6, 6, 6, 1]  # BOS, target cut to 3, EOD
+
+
+# ------------------------------------------------------------------ shards and reader
+
+
+def make_output(tmp_path: Path, n_samples: int = 23, per_shard: int = 5) -> Path:
+    samples = np.arange(n_samples * 2 * 4, dtype=np.uint32).reshape(n_samples, 2, 4)
+    shards = write_shards(tmp_path, "train", samples, per_shard)
+    write_json(
+        tmp_path / "manifest.json",
+        {"format_version": 1, "splits": {"train": {"samples": n_samples, "shards": shards}}},
+    )
+    return tmp_path
+
+
+def test_reader_resumes_at_the_exact_sample(tmp_path):
+    out = make_output(tmp_path)
+    full = ShardReader(out, seed=3)
+    reference = [full.next_batch(4) for _ in range(12)]  # crosses epochs (23 samples)
+    resumed = ShardReader(out, seed=3)
+    for _ in range(5):
+        resumed.next_batch(4)
+    state = json.loads(json.dumps(resumed.state_dict()))  # survives a checkpoint
+    again = ShardReader(out, seed=3)
+    again.load_state_dict(state)
+    for step in range(5, 12):
+        assert np.array_equal(again.next_batch(4), reference[step])
+
+
+def test_reader_resume_across_a_world_size_change(tmp_path):
+    out = make_output(tmp_path)
+    single = ShardReader(out, seed=1)
+    order = [single.next_batch(6) for _ in range(6)]  # global batch 6 per step
+    # steps 0-2 on 2 ranks (3 each), then steps 3-5 on 3 ranks (2 each)
+    ranks = [ShardReader(out, seed=1, rank=r, world_size=2) for r in range(2)]
+    for step in range(3):
+        got = [r.next_batch(3) for r in ranks]
+        assert sorted(map(bytes, np.concatenate(got))) == sorted(map(bytes, order[step]))
+    state = ranks[0].state_dict()
+    ranks = [ShardReader(out, seed=1, rank=r, world_size=3) for r in range(3)]
+    for r in ranks:
+        r.load_state_dict(state)
+    for step in range(3, 6):
+        got = np.concatenate([r.next_batch(2) for r in ranks])
+        assert sorted(map(bytes, got)) == sorted(map(bytes, order[step]))
+
+
+def test_reader_rejects_corrupt_or_truncated_shards(tmp_path):
+    out = make_output(tmp_path)
+    shard = out / "train" / "shard-00002.npy"
+    shard.write_bytes(shard.read_bytes()[:-7])
+    with pytest.raises(DataError, match=r"shard-00002\.npy: shard is corrupt or truncated"):
+        ShardReader(out)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="corrupt manifest"):
+        read_manifest(out)
+
+
+def test_shards_are_written_atomically(tmp_path):
+    make_output(tmp_path)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+# ------------------------------------------------------------------ sources
+
+
+def test_demo_corpus_is_real_text_shipped_offline():
+    docs = demo_documents()
+    assert len(docs) > 700 and sum(map(len, docs)) > 4_000_000
+    assert any("To be, or not to be" in d for d in docs)
+    src, tgt = demo_pairs()[0]
+    assert src and tgt and src != tgt
+
+
+def test_missing_file_and_missing_column(tmp_path):
+    with pytest.raises(DataError, match=r"nothing-here/\*\.txt: no such file"):
+        load_source(SourceNode(kind="files", path=str(tmp_path / "nothing-here/*.txt")))
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"body": "a", "title": "b"}\n')
+    with pytest.raises(DataError, match="no column 'text'; columns are: body, title"):
+        load_source(SourceNode(kind="files", path=str(path)))
+    assert load_source(SourceNode(kind="files", path=str(path), text_column="body"))[0] == {
+        "text": "a"
+    }
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"good text \xff\xfe more")
+    ds = load_source(SourceNode(kind="files", path=str(tmp_path / "*.txt")))
+    assert ds[0]["text"] == "good text \ufffd\ufffd more"
+    from pipeline.data.sources import invalid_utf8_replaced
+
+    assert invalid_utf8_replaced(ds) == 2
+
+
+# ------------------------------------------------------------------ the Ray Data pipeline
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    yield ray
+    ray.shutdown()
+
+
+def write_corpus(folder: Path, n: int = 120) -> str:
+    rng = random.Random(0)
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "while",
+        "seven",
+        "wizards",
+        "quietly",
+        "hex",
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        body = " ".join(rng.choice(words) for _ in range(rng.randrange(20, 200)))
+        (folder / f"doc{i:04d}.txt").write_text(f"Document {i % 100}.\n{body}")
+    (folder / "empty.txt").write_text("   \n")
+    (folder / "short.txt").write_text("hi")
+    (folder / "dup.txt").write_text((folder / "doc0003.txt").read_text())
+    return str(folder / "*.txt")
+
+
+def run(ray_local, tmp_path, glob, out, parallelism, **data):
+    from pipeline.data.preprocess import preprocess
+
+    node = DataNode(
+        sources=[SourceNode(kind="files", path=glob)],
+        seq_len=32,
+        min_chars=5,
+        samples_per_shard=16,
+        val_fraction=0.1,
+        **data,
+    )
+    return preprocess(node, out, vocab_size=300, parallelism=parallelism, progress=lambda m: None)
+
+
+def test_pipeline_is_deterministic_and_counts_what_it_drops(ray_local, tmp_path):
+    glob = write_corpus(tmp_path / "corpus")
+    a = run(ray_local, tmp_path, glob, tmp_path / "out1", parallelism=1)
+    b = run(ray_local, tmp_path, glob, tmp_path / "out2", parallelism=2)
+
+    def shards(manifest):
+        return [
+            (s["file"], s["sha256"])
+            for split in manifest["splits"].values()
+            for s in split["shards"]
+        ]
+
+    assert shards(a) == shards(b) and a["tokenizer_sha256"] == b["tokenizer_sha256"]
+    counts = a["counts"]
+    assert counts["documents_in"] == 123
+    # doc0003 and dup.txt share their content; docs i and i + 100 differ in their bodies
+    assert counts["dropped"] == {"empty": 1, "too_short": 1, "too_long": 0, "duplicate": 1}
+    assert counts["documents_out"] == 120
+    assert a["splits"]["train"]["documents"] + a["splits"]["val"]["documents"] == 120
+    reader = ShardReader(tmp_path / "out1", seed=0)
+    sample = reader.next_batch(2)
+    assert sample.shape == (2, 2, 33)
+    # a cache hit the second time
+    assert run(ray_local, tmp_path, glob, tmp_path / "out1", parallelism=2)["cache_hit"]
+
+
+def test_pipeline_on_paired_demo_style_data(ray_local, tmp_path):
+    from pipeline.data.preprocess import preprocess
+
+    path = tmp_path / "pairs.jsonl"
+    pairs = demo_pairs()[:300]
+    path.write_text("".join(json.dumps({"src": s, "tgt": t}) + "\n" for s, t in pairs))
+    node = DataNode(
+        sources=[SourceNode(kind="files", path=str(path), text_column="src", target_column="tgt")],
+        seq_len=32,
+        max_source_len=24,
+        max_target_len=24,
+        samples_per_shard=64,
+    )
+    manifest = preprocess(
+        node,
+        tmp_path / "paired",
+        vocab_size=400,
+        paired=True,
+        parallelism=2,
+        progress=lambda m: None,
+    )
+    assert manifest["paired"] and manifest["max_source_len"] == 24
+    rows = ShardReader(tmp_path / "paired", shuffle=False).next_batch(3)
+    assert rows.shape == (3, 2, 49)
+
+
+def test_empty_corpus_after_filtering_is_an_error(ray_local, tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("x")
+    with pytest.raises(DataError, match="empty after filtering: empty=0, too_short=1"):
+        run(ray_local, tmp_path, str(tmp_path / "c" / "*.txt"), tmp_path / "o", parallelism=1)
+    assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_attnpipe_run_preprocesses_logs_to_mlflow_and_then_hits_the_cache(tmp_path):
+    import subprocess
+    import sys
+
+    import mlflow
+
+    glob = write_corpus(tmp_path / "corpus", n=40)
+    cmd = [
+        str(Path(sys.executable).parent / "attnpipe"),
+        "run",
+        "jobs/preprocess-demo.yaml",
+        f"storage.work_dir={tmp_path / 'work'}",
+        "data.sources.0.kind=files",
+        f"data.sources.0.path={glob}",
+        "data.tokenizer.vocab_size=300",
+        "data.seq_len=64",
+        "data.min_chars=5",
+    ]
+    root = Path(__file__).resolve().parent.parent
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    summary = json.loads(first.stdout)
+    assert summary["cache_hit"] is False and summary["documents"] == 40
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=600)
+    assert second.returncode == 0 and json.loads(second.stdout)["cache_hit"] is True
+    manifest = read_manifest(summary["out_dir"])
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    run = mlflow.get_run(summary["mlflow_run_id"])
+    assert run.data.metrics["documents_out"] == 40
+    assert run.data.metrics["tokens"] == manifest["counts"]["tokens"]
+    assert run.data.params["data.seq_len"] == "64"
+    dataset = run.inputs.dataset_inputs[0].dataset
+    assert dataset.digest == manifest["fingerprint"][:36]
+
+
+def test_attnpipe_run_rejects_kinds_it_cannot_run_yet():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "attnpipe"), "run", "jobs/decoder-tiny.yaml"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "job.kind: 'train' jobs cannot be run yet" in result.stderr
