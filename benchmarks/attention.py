@@ -266,32 +266,41 @@ def main() -> None:
 
 
 def plot(records: list[dict[str, Any]], path: Path) -> None:
+    """Time against length, log-log, forward and forward+backward side by side; one colour
+    per pattern/backend in both panels, one legend for both."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    labels = sorted({f"{r['pattern']} / {r['backend']}" for r in records})
+    colors = {label: plt.cm.tab20(i % 20) for i, label in enumerate(labels)}
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
     for ax, pass_name in zip(axes, ("fwd", "fwd+bwd"), strict=True):
         series: dict[str, list[tuple[int, float]]] = {}
         for r in records:
             if r["pass"] == pass_name:
-                series.setdefault(f"{r['pattern']} / {r['backend']}", []).append(
-                    (r["seq_len"], r["ms_min"])
-                )
+                label = f"{r['pattern']} / {r['backend']}"
+                series.setdefault(label, []).append((r["seq_len"], r["ms_min"]))
         for label, points in sorted(series.items()):
             xs, ys = zip(*sorted(points), strict=True)
             ax.plot(
-                xs, ys, marker="o", label=label, linewidth=2.5 if label.startswith("dense") else 1.2
+                xs,
+                ys,
+                marker="o",
+                label=label,
+                color=colors[label],
+                linewidth=2.5 if label.startswith("dense") else 1.2,
             )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length (tokens)")
-        ax.set_title(f"attention {pass_name}")
+        ax.set_title(f"attention {pass_name} (flex: CPU forward only, up to 4K)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("time (ms, min of repeats)")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=colors[label], marker="o") for label in labels]
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
     fig.savefig(path, dpi=110)
 
 

@@ -49,6 +49,20 @@ def test_split_is_a_function_of_content_only():
     assert val <= val_more and not (val_more - val) & set(docs)  # old documents stay put
 
 
+def test_sources_blend_by_weight():
+    from pipeline.data.preprocess import apply_weights
+
+    items = [(i, [i]) for i in range(400)]
+    origin = {i: (0 if i < 200 else 1, stages.content_hash(str(i))) for i in range(400)}
+    assert apply_weights(items, origin, [1.0, 1.0]) == items
+    blended = apply_weights(items, origin, [2.0, 0.5])
+    first = [i for i, _ in blended]
+    assert first.count(5) == 2 and first[:200] == list(range(200))  # two passes over source 0
+    kept = {i for i in first if i >= 200}
+    assert 70 < len(kept) < 130 and all(first.count(i) == 1 for i in kept)  # about half
+    assert apply_weights(items, origin, [2.0, 0.5]) == blended  # deterministic
+
+
 # ------------------------------------------------------------------ packing
 
 

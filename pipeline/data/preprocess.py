@@ -61,7 +61,7 @@ class _Tokenize:
         self.tok = Tokenizer.from_str(tokenizer_json)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        out = {"idx": batch["idx"], "hash": batch["hash"]}
+        out = {"idx": batch["idx"], "hash": batch["hash"], "source": batch["source"]}
         for column, name in (("text", "ids"), ("target", "target_ids")):
             if column in batch:
                 encoded = self.tok.encode_batch(list(batch[column]), add_special_tokens=False)
@@ -178,6 +178,7 @@ def preprocess(
         batch_size=256,
     ).sort("idx")
     splits: dict[str, list[Any]] = {"train": [], "val": []}
+    origin: dict[int, tuple[int, str]] = {}  # document -> (source, hash), for the weights
     tokens = 0
     for batch in encoded.iter_batches(batch_size=1024, batch_format="numpy"):
         for j, idx in enumerate(batch["idx"]):
@@ -190,10 +191,13 @@ def preprocess(
                 item = (int(idx), ids)
                 tokens += len(ids)
             splits[split].append(item)
+            origin[int(idx)] = (int(batch["source"][j]), str(batch["hash"][j]))
 
     progress("packing and writing shards")
     manifest_splits = {}
+    weights = [source.weight for source in data.sources]
     for split, items in splits.items():
+        items = apply_weights(items, origin, weights)
         if paired:
             samples = pack_pairs(
                 items,
@@ -246,6 +250,27 @@ def preprocess(
         "seconds": seconds,
         "tokens_per_second": tokens / max(seconds, 1e-9),
     }
+
+
+def apply_weights(
+    items: list[Any], origin: dict[int, tuple[int, str]], weights: list[float]
+) -> list[Any]:
+    """Blend sources by weight, as Megatron's blending does: a source of weight w
+    contributes floor(w) full passes over its documents plus the fraction w - floor(w) of
+    them chosen by content hash (so the choice is stable). Later passes follow the first,
+    in document order; with every weight 1 the list is unchanged."""
+    if all(w == 1.0 for w in weights):
+        return items
+    passes: list[list[Any]] = []
+    for item in items:
+        source, digest = origin[item[0]]
+        whole, frac = divmod(weights[source], 1.0)
+        copies = int(whole) + (1 if stages.hash_below(digest, frac, salt=1) else 0)
+        for copy in range(copies):
+            while len(passes) <= copy:
+                passes.append([])
+            passes[copy].append(item)
+    return [item for one_pass in passes for item in one_pass]
 
 
 def _tokenizer(data: DataNode, ds: Any, vocab_size: int, out: Path, progress: Progress) -> Any:

@@ -82,6 +82,12 @@ def add_hash(batch: Batch) -> Batch:
     return {**batch, "hash": np.array(hashes, dtype=object)}
 
 
+def hash_below(digest: str, fraction: float, salt: int = 0) -> bool:
+    """A deterministic coin with P(True) = fraction, read from hex digits of the content
+    hash; different salts read different digits, so the coins are independent."""
+    return int(digest[12 * salt : 12 * salt + 12], 16) / float(1 << 48) < fraction
+
+
 def is_validation(digest: str, val_fraction: float) -> bool:
     """A document's split from its content hash alone: stable when the corpus grows."""
-    return int(digest[:12], 16) / float(1 << 48) < val_fraction
+    return hash_below(digest, val_fraction, salt=0)
