@@ -19,6 +19,7 @@ from typing import Any
 import datasets
 
 from pipeline.config import SourceNode
+from pipeline.data.shards import sha256_file
 from pipeline.errors import DataError
 
 FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -168,13 +169,5 @@ def source_fingerprint(source: SourceNode) -> str:
     elif source.kind == "files" and source.path and "://" not in source.path:
         for path in sorted(globlib.glob(source.path, recursive=True)):
             h.update(path.encode())
-            h.update(_file_digest(Path(path)))
+            h.update(sha256_file(Path(path)).encode())
     return h.hexdigest()
-
-
-def _file_digest(path: Path) -> bytes:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.digest()
