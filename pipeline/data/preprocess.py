@@ -55,12 +55,20 @@ def fingerprint(data: DataNode, vocab_size: int, paired: bool) -> str:
 class _Tokenize:
     """Ray Data actor: loads the tokenizer once, then encodes batch after batch."""
 
-    def __init__(self, tokenizer_json: str) -> None:
+    def __init__(self, tokenizer_json: str, keep: Any) -> None:
+        import os
+
+        # One tokenizer thread per actor: Ray already runs one actor per CPU, and the
+        # tokenizers' own thread pool on top of that oversubscribes the cores.
+        os.environ["RAYON_NUM_THREADS"] = "1"
         from tokenizers import Tokenizer
 
         self.tok = Tokenizer.from_str(tokenizer_json)
+        self.keep = keep if isinstance(keep, np.ndarray) else ray_get(keep)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        chosen = np.isin(batch["idx"], self.keep, assume_unique=True)  # filtered, deduplicated
+        batch = {k: v[chosen] for k, v in batch.items()}
         out = {"idx": batch["idx"], "hash": batch["hash"], "source": batch["source"]}
         for column, name in (("text", "ids"), ("target", "target_ids")):
             if column in batch:
@@ -84,10 +92,10 @@ def _to_ray(hf: Any) -> Any:
     return ray.data.from_huggingface(hf)  # streaming: read as it streams
 
 
-def _keep_first(group: dict[str, Any]) -> dict[str, Any]:
-    """Of documents with the same content hash, the first in global order."""
-    first = int(np.argmin(group["idx"]))
-    return {k: v[first : first + 1] for k, v in group.items()}
+def ray_get(ref: Any) -> Any:
+    import ray
+
+    return ray.get(ref)
 
 
 def preprocess(
@@ -138,45 +146,46 @@ def preprocess(
         raise DataError("the sources hold no documents")
 
     progress(f"{documents_in} documents: normalize, filter, deduplicate")
-    ds = ds.repartition(max(parallelism * 4, 1)).map_batches(
-        stages.normalize, concurrency=parallelism
+    # One fused task stage per block: normalize, tag a drop reason, hash. Order is kept
+    # (preserve_order), so no stage below needs a sort of the documents themselves.
+    ds = (
+        ds.repartition(max(parallelism * 4, 1))
+        .map_batches(
+            stages.clean,
+            fn_kwargs={"min_chars": data.min_chars, "max_chars": data.max_chars},
+            concurrency=parallelism,
+        )
+        .materialize()
     )
-    ds = ds.map_batches(
-        stages.tag_filter,
-        fn_kwargs={"min_chars": data.min_chars, "max_chars": data.max_chars},
-        concurrency=parallelism,
-    ).materialize()
-    dropped = {reason: 0 for reason in stages.FILTER_REASONS}
-    for row in ds.groupby("drop").count().take_all():
-        if row["drop"]:
-            dropped[row["drop"]] = int(row["count()"])
+    keys = ds.select_columns(["idx", "hash", "drop"]).to_pandas()  # small: no text
+    dropped = {reason: int((keys["drop"] == reason).sum()) for reason in stages.FILTER_REASONS}
     if documents_in == sum(dropped.values()):
         raise DataError(
             "the corpus is empty after filtering: "
             + ", ".join(f"{k}={v}" for k, v in dropped.items())
         )
-    ds = ds.filter(lambda row: not row["drop"]).map_batches(
-        stages.add_hash, concurrency=parallelism
-    )
+    kept = keys[keys["drop"] == ""].sort_values("idx", kind="stable")
     if data.dedup:
-        groups = ds.groupby("hash", num_partitions=max(2, parallelism * 2))
-        ds = groups.map_groups(_keep_first, batch_format="numpy")
-    ds = ds.sort("idx").materialize()
-    documents_out = ds.count()
+        # Exact dedup: the content hashes were computed in parallel by the stage above;
+        # the first occurrence of each is chosen here from the (idx, hash) keys alone,
+        # 80 bytes a document, so the texts never move for it.
+        kept = kept.drop_duplicates("hash", keep="first")
+    keep = np.sort(kept["idx"].to_numpy())
+    documents_out = int(keep.size)
     dropped["duplicate"] = documents_in - sum(dropped.values()) - documents_out
     out.mkdir(parents=True, exist_ok=True)
     if (out / "manifest.json").exists():  # a stale output: it stops being valid now
         (out / "manifest.json").unlink()
-    tok = _tokenizer(data, ds, vocab_size, out, progress)
+    tok = _tokenizer(data, ds, keep, vocab_size, out, progress)
     specials = special_ids(tok)
 
     progress(f"tokenizing {documents_out} documents")
     encoded = ds.map_batches(
         _Tokenize,
-        fn_constructor_kwargs={"tokenizer_json": tok.to_str()},
+        fn_constructor_kwargs={"tokenizer_json": tok.to_str(), "keep": ray.put(keep)},
         concurrency=parallelism,
         batch_size=256,
-    ).sort("idx")
+    )
     splits: dict[str, list[Any]] = {"train": [], "val": []}
     origin: dict[int, tuple[int, str]] = {}  # document -> (source, hash), for the weights
     tokens = 0
@@ -273,14 +282,21 @@ def apply_weights(
     return [item for one_pass in passes for item in one_pass]
 
 
-def _tokenizer(data: DataNode, ds: Any, vocab_size: int, out: Path, progress: Progress) -> Any:
+def _tokenizer(
+    data: DataNode, ds: Any, keep: np.ndarray, vocab_size: int, out: Path, progress: Progress
+) -> Any:
     if data.tokenizer.path:
         tok = load_tokenizer(data.tokenizer.path)
     else:
         n = data.tokenizer.sample_documents
         progress(f"training a byte-level BPE of {vocab_size} on up to {n} documents")
-        sample = ds.limit(n).take_all()  # the first documents in global order
-        texts = [r["text"] for r in sample] + [r["target"] for r in sample if "target" in r]
+        sample = keep[:n]  # the first kept documents in global order
+        texts: list[str] = []
+        for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+            chosen = np.isin(batch["idx"], sample, assume_unique=True)
+            for column in ("text", "target"):
+                if column in batch:
+                    texts += [str(t) for t in batch[column][chosen]]
         tok = train_tokenizer(texts, vocab_size)
     tok.save(str(out / "tokenizer.json"))
     return tok

@@ -88,6 +88,11 @@ def hash_below(digest: str, fraction: float, salt: int = 0) -> bool:
     return int(digest[12 * salt : 12 * salt + 12], 16) / float(1 << 48) < fraction
 
 
+def clean(batch: Batch, min_chars: int, max_chars: int | None) -> Batch:
+    """normalize, tag_filter and add_hash in one pass over a batch."""
+    return add_hash(tag_filter(normalize(batch), min_chars, max_chars))
+
+
 def is_validation(digest: str, val_fraction: float) -> bool:
     """A document's split from its content hash alone: stable when the corpus grows."""
     return hash_below(digest, val_fraction, salt=0)
