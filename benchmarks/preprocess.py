@@ -47,9 +47,7 @@ def run_pipeline(corpus: Path, tokenizer: Path, out: Path, cpus: int) -> dict[st
     from pipeline.config import DataNode, SourceNode
     from pipeline.data.preprocess import preprocess
 
-    ray.init(
-        num_cpus=cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1"
-    )
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         node = DataNode(
             sources=[SourceNode(kind="files", path=str(corpus))],

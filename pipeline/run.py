@@ -27,7 +27,9 @@ def progress_printer() -> Any:
 
 
 def start_local_ray(num_cpus: int | None = None) -> None:
-    """An embedded Ray on 127.0.0.1, unless this process is already connected to one."""
+    """An embedded Ray in this process, unless it is already connected to one. Its dashboard
+    stays off. Ray resolves a loopback node address to the machine's own address, so its
+    internal ports follow Ray's defaults (token authentication is on by default in 2.60)."""
     import ray
 
     if not ray.is_initialized():
@@ -35,7 +37,6 @@ def start_local_ray(num_cpus: int | None = None) -> None:
             num_cpus=num_cpus,
             include_dashboard=False,
             log_to_driver=False,
-            _node_ip_address="127.0.0.1",
         )
 
 
