@@ -19,7 +19,6 @@ Shapes: H heads (1 when the layout is shared by all heads), S sequence, N blocks
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import math
@@ -184,14 +183,6 @@ class Pattern(ABC):
         self.validate(seq_len)
         idx = torch.arange(seq_len)
         return self.token_mask(idx, idx, seq_len)
-
-    def density(self, seq_len: int) -> float:
-        """Fraction of the S x S pairs the pattern allows (averaged over head layouts)."""
-        return self.dense_mask(seq_len).float().mean().item()
-
-    def describe(self) -> dict[str, Any]:
-        """Name and parameters, for logs and MLflow params."""
-        return {"name": self.name, **dataclasses.asdict(self)}  # type: ignore[call-overload]
 
 
 PATTERNS: dict[str, type[Pattern]] = {}
