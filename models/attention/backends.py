@@ -242,12 +242,6 @@ class BlockSparseBackend(Backend):
 _compiled_flex: Any = None
 
 
-@dataclass
-class _FlexMask:
-    block_mask: Any
-    bias: Tensor | None  # decoding fallback
-
-
 @register_backend
 class FlexBackend(Backend):
     """PyTorch FlexAttention with a BlockMask built from the pattern's analytic layout (never
@@ -262,14 +256,14 @@ class FlexBackend(Backend):
     def supports(cls, pattern: Pattern) -> bool:
         return True
 
-    def prepare(self, geo: BatchGeometry, dtype: torch.dtype) -> _FlexMask:
-        if not geo.is_aligned:
-            return _FlexMask(None, dense_bias(self.pattern, geo, dtype))
-        return _FlexMask(flex_block_mask(self.pattern, geo, self.block_size), None)
+    def prepare(self, geo: BatchGeometry, dtype: torch.dtype) -> Any:
+        if not geo.is_aligned:  # decoding with a KV cache: exact dense fallback, as blocksparse
+            return dense_bias(self.pattern, geo, dtype)
+        return flex_block_mask(self.pattern, geo, self.block_size)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: Any, dropout_p: float) -> Tensor:
-        if prepared.bias is not None:
-            return _masked_softmax_attention(q, k, v, prepared.bias)
+        if isinstance(prepared, Tensor):
+            return _masked_softmax_attention(q, k, v, prepared)
         if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
             raise AttentionSpecError(
                 "backend 'flex' has no backward pass on CPU (a FlexAttention limit); "
@@ -282,11 +276,11 @@ class FlexBackend(Backend):
         if q.device.type == "cuda":
             if _compiled_flex is None:
                 _compiled_flex = torch.compile(flex_attention, dynamic=False)
-            return _compiled_flex(q, k, v, block_mask=prepared.block_mask, enable_gqa=gqa)
+            return _compiled_flex(q, k, v, block_mask=prepared, enable_gqa=gqa)
         with warnings.catch_warnings():  # eager on CPU is expected: it is the forward check
             warnings.simplefilter("ignore", UserWarning)
             q, k, v = q.detach(), k.detach(), v.detach()  # no grad here: checked above
-            return flex_attention(q, k, v, block_mask=prepared.block_mask, enable_gqa=gqa)
+            return flex_attention(q, k, v, block_mask=prepared, enable_gqa=gqa)
 
 
 def flex_block_mask(pattern: Pattern, geo: BatchGeometry, block_size: int) -> Any:

@@ -64,7 +64,9 @@ class _Tokenize:
         from tokenizers import Tokenizer
 
         self.tok = Tokenizer.from_str(tokenizer_json)
-        self.keep = keep if isinstance(keep, np.ndarray) else ray_get(keep)
+        import ray
+
+        self.keep = keep if isinstance(keep, np.ndarray) else ray.get(keep)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         chosen = np.isin(batch["idx"], self.keep, assume_unique=True)  # filtered, deduplicated
@@ -90,12 +92,6 @@ def _to_ray(hf: Any) -> Any:
     if isinstance(hf, datasets.Dataset):
         return ray.data.from_arrow(hf.flatten_indices().data.table)
     return ray.data.from_huggingface(hf)  # streaming: read as it streams
-
-
-def ray_get(ref: Any) -> Any:
-    import ray
-
-    return ray.get(ref)
 
 
 def preprocess(
