@@ -82,6 +82,28 @@ def run(spec: SpecArg, overrides: OverridesArg = None) -> None:
     typer.echo(json.dumps(summary, indent=2))
 
 
+@app.command("plan")
+def plan_memory(
+    spec: SpecArg,
+    overrides: OverridesArg = None,
+    output: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+) -> None:
+    """Estimate per-GPU memory (ZeRO states, activations) and whether it fits resources.gpu_type."""
+    if output not in ("text", "json"):
+        fail(f"--format: expected text or json, got {output!r}")
+    resolved = load(spec, overrides)
+    from pipeline.plan import plan_job, render
+
+    try:
+        result = plan_job(resolved, source=str(spec))
+    except UserError as exc:
+        fail(str(exc))
+    if output == "json":
+        typer.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        render(result)
+
+
 @app.command("models")
 def list_models(
     seq_len: Annotated[
