@@ -13,6 +13,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from models.attention import (
     PATTERNS,
@@ -96,6 +97,7 @@ class TransformerStack(nn.Module):
         self.head_dim = cfg.head_dim
         slopes = alibi_slopes(cfg.n_heads) if cfg.positional == "alibi" else None
         self.register_buffer("alibi", slopes, persistent=False)
+        self.activation_checkpointing = False  # set_activation_checkpointing() turns it on
 
     def attention_batch(
         self,
@@ -144,6 +146,10 @@ class TransformerStack(nn.Module):
         cache: KVCache | None = None,
     ) -> Tensor:
         for i, block in enumerate(self.blocks):
+            if self.activation_checkpointing and self.training and cache is None:
+                # keep only each block's input; recompute its activations in backward
+                x = checkpoint(block, x, batch, cross_batch, memory, None, use_reentrant=False)
+                continue
             layer_cache = cache.layer(i) if cache is not None else None
             x = block(x, batch, cross_batch, memory, layer_cache)
         return self.norm(x)
@@ -305,6 +311,14 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "encoder": EncoderMLM,
     "encoder_decoder": EncoderDecoderLM,
 }
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool = True) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them:
+    memory for one block's input per layer, at the cost of a second forward."""
+    for stack in model.modules():
+        if isinstance(stack, TransformerStack):
+            stack.activation_checkpointing = enabled
 
 
 def build_model(cfg: ModelConfig, attention: AttentionConfig | None = None) -> nn.Module:

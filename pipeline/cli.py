@@ -6,7 +6,9 @@ work end to end.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -59,27 +61,50 @@ def validate(
         typer.echo(resolved_yaml(resolved), nl=False)
 
 
+ResumeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--resume-from",
+        help="A checkpoint folder, a folder of checkpoints (the newest complete one), "
+        "or the MLflow run id of a training run.",
+    ),
+]
+
+
 @app.command()
-def run(spec: SpecArg, overrides: OverridesArg = None) -> None:
-    """Run a job locally on an embedded Ray and MLflow (kinds: preprocess)."""
+def run(spec: SpecArg, overrides: OverridesArg = None, resume_from: ResumeOpt = None) -> None:
+    """Run a job on this machine, on an embedded Ray and MLflow (kinds: preprocess, train,
+    pipeline). Prints a JSON summary on stdout; progress goes to stderr."""
     resolved = load(spec, overrides)
     from pipeline.run import run_job
+    from pipeline.train.driver import TrainingFailed
 
     try:
-        result = run_job(resolved)
+        # the workers' output Ray forwards is progress: keep stdout for the summary
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run_job(resolved, resume_from=resume_from)
     except UserError as exc:
         fail(str(exc))
-    counts = result["counts"]
-    summary = {
-        "out_dir": result["out_dir"],
-        "cache_hit": result["cache_hit"],
-        "documents": counts["documents_out"],
-        "tokens": counts["tokens"],
-        "dropped": counts["dropped"],
-        "samples": {k: v["samples"] for k, v in result["splits"].items()},
-        "mlflow_run_id": result["mlflow_run_id"],
-    }
-    typer.echo(json.dumps(summary, indent=2))
+    except TrainingFailed as exc:
+        typer.echo(f"attnpipe: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if resolved.job.kind == "preprocess":
+        counts = result["counts"]
+        summary = {
+            "out_dir": result["out_dir"],
+            "cache_hit": result["cache_hit"],
+            "documents": counts["documents_out"],
+            "tokens": counts["tokens"],
+            "dropped": counts["dropped"],
+            "samples": {k: v["samples"] for k, v in result["splits"].items()},
+            "mlflow_run_id": result["mlflow_run_id"],
+        }
+    else:
+        summary = {
+            k: result[k] for k in ("mlflow_run_id", "checkpoint", "run_dir", "metrics", "seconds")
+        }
+        summary["resumed_at"] = [e["step"] for e in result["events"] if e["event"] == "resume"]
+    typer.echo(json.dumps(summary, indent=2, default=str))
 
 
 @app.command("plan")

@@ -149,6 +149,16 @@ class TrainingNode(_Node):
     eval_batches: int = Field(20, ge=1)
     log_interval: int = Field(10, ge=1)
     seed: int = 0
+    document_masking: bool = Field(
+        True, description="packed samples: a token attends only within its own document"
+    )
+    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0, description="encoder (masked LM) jobs")
+    max_failures: int = Field(
+        0, ge=-1, description="worker failures to recover from (-1: no limit)"
+    )
+    peak_flops: float | None = Field(
+        None, gt=0, description="per-device peak FLOP/s for MFU; default: the device table"
+    )
 
 
 class DeepSpeedNode(_Node):

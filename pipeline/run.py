@@ -8,9 +8,9 @@ from typing import Any
 
 from pipeline.config import JobSpec
 from pipeline.errors import UserError
-from pipeline.tracking import log_preprocess, tracking_uri
+from pipeline.tracking import log_preprocess, tracking_uri, use_experiment
 
-RUNNABLE = ("preprocess",)
+RUNNABLE = ("preprocess", "train", "pipeline")
 
 
 def progress_printer() -> Any:
@@ -26,29 +26,44 @@ def progress_printer() -> Any:
     return show
 
 
-def start_local_ray(num_cpus: int | None = None) -> None:
-    """An embedded Ray in this process, unless it is already connected to one. Its dashboard
-    stays off. Ray resolves a loopback node address to the machine's own address, so its
+def start_local_ray(num_cpus: int | None = None, log_to_driver: bool = False) -> bool:
+    """An embedded Ray in this process, unless it is already connected to one. The
+    dashboard (Ray Train's controller queries its state API) binds 127.0.0.1 on a free
+    port. Ray resolves a loopback node address to the machine's own address, so its
     internal ports follow Ray's defaults (token authentication is on by default in 2.60)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-        )
+    if ray.is_initialized():
+        return False
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=free_port(),
+        log_to_driver=log_to_driver,
+    )
+    return True
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def data_dir(spec: JobSpec) -> Path:
     return Path(spec.storage.work_dir) / "data" / spec.job.name
 
 
-def run_preprocess(spec: JobSpec, parallelism: int = 2) -> dict[str, Any]:
+def run_preprocess(
+    spec: JobSpec, show: Any, parallelism: int = 2, nested: bool = False, log_cached: bool = True
+) -> dict[str, Any]:
+    """Preprocess the job's data (a cache hit when its fingerprint matches the output) and
+    log the run to MLflow; `log_cached=False` logs nothing for a cache hit."""
     from pipeline.data.preprocess import preprocess
 
-    show = progress_printer()
-    start_local_ray(parallelism)
     out = data_dir(spec)
     manifest = preprocess(
         spec.data,
@@ -58,6 +73,8 @@ def run_preprocess(spec: JobSpec, parallelism: int = 2) -> dict[str, Any]:
         parallelism=parallelism,
         progress=show,
     )
+    if manifest.get("cache_hit") and not log_cached:
+        return {**manifest, "mlflow_run_id": None, "out_dir": str(out)}
     uri = tracking_uri(spec.tracking.uri, spec.storage.work_dir)
     run_id = log_preprocess(
         manifest,
@@ -66,15 +83,63 @@ def run_preprocess(spec: JobSpec, parallelism: int = 2) -> dict[str, Any]:
         spec.job.name,
         uri,
         spec.tracking.experiment,
+        spec.storage.work_dir,
+        nested=nested,
     )
     show(f"MLflow run {run_id} in {uri}")
     return {**manifest, "mlflow_run_id": run_id, "out_dir": str(out)}
 
 
-def run_job(spec: JobSpec) -> dict[str, Any]:
+def run_job(
+    spec: JobSpec, resume_from: str | None = None, faults: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Run a job here: `preprocess` writes shards; `train` trains on them (preprocessing
+    first when they are missing: a cache hit when they exist); `pipeline` does both under
+    one parent MLflow run with a nested run per stage."""
     if spec.job.kind not in RUNNABLE:
         raise UserError(
             f"job.kind: {spec.job.kind!r} jobs cannot be run yet; runnable kinds: "
             + ", ".join(RUNNABLE)
         )
-    return run_preprocess(spec)
+    show = progress_printer()
+    if spec.job.kind == "preprocess":
+        start_local_ray(2)
+        return run_preprocess(spec, show)
+
+    started = start_local_ray(log_to_driver=True)
+    try:
+        return _train_or_pipeline(spec, show, resume_from, faults)
+    finally:
+        if started:  # also stops the thread that forwards the workers' output
+            import ray
+
+            ray.shutdown()
+
+
+def _train_or_pipeline(
+    spec: JobSpec, show: Any, resume_from: str | None, faults: dict[str, Any] | None
+) -> dict[str, Any]:
+    from pipeline.train.driver import preflight, run_train
+
+    uri = tracking_uri(spec.tracking.uri, spec.storage.work_dir)
+    preflight(spec, resume_from, uri)  # before any preprocessing
+    if spec.job.kind == "train":
+        run_preprocess(spec, show, log_cached=False)  # a cache hit once the shards exist
+        return run_train(
+            spec, data_dir(spec), uri, resume_from=resume_from, progress=show, faults=faults
+        )
+    import mlflow
+
+    use_experiment(uri, spec.tracking.experiment, spec.storage.work_dir)
+    with mlflow.start_run(run_name=spec.job.name, tags={"attnpipe.stage": "pipeline"}) as parent:
+        prep = run_preprocess(spec, show, nested=True)
+        result = run_train(
+            spec,
+            data_dir(spec),
+            uri,
+            resume_from=resume_from,
+            progress=show,
+            faults=faults,
+            nested=True,
+        )
+        return {**result, "parent_run_id": parent.info.run_id, "preprocess": prep}

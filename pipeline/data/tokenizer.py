@@ -14,7 +14,8 @@ from pipeline.errors import DataError
 EOD = "<|endoftext|>"  # end of document: separates packed documents
 PAD = "<|pad|>"  # fills the tail of the last block and short seq2seq rows
 BOS = "<|bos|>"  # first decoder input of a seq2seq target
-SPECIAL_TOKENS = [EOD, PAD, BOS]
+MASK = "<|mask|>"  # replaces the tokens a masked-LM encoder learns to predict
+SPECIAL_TOKENS = [EOD, PAD, BOS, MASK]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -54,6 +55,7 @@ def tokenizer_hash(tok: Tokenizer) -> str:
 
 def special_ids(tok: Tokenizer) -> dict[str, int]:
     ids = {
-        name: tok.token_to_id(token) for name, token in (("eod", EOD), ("pad", PAD), ("bos", BOS))
+        name: tok.token_to_id(token)
+        for name, token in (("eod", EOD), ("pad", PAD), ("bos", BOS), ("mask", MASK))
     }
     return {k: v for k, v in ids.items() if v is not None}

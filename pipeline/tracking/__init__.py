@@ -14,6 +14,19 @@ def tracking_uri(uri: str | None, work_dir: str | Path) -> str:
     return f"sqlite:///{Path(work_dir).resolve() / 'mlflow.db'}"
 
 
+def use_experiment(uri: str, name: str, work_dir: str | Path) -> None:
+    """Point MLflow at `uri` and experiment `name`, creating it with its artifacts under
+    <work_dir>/mlartifacts when the store is local (MLflow's default would be ./mlruns in
+    whatever folder the command runs from)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(name) is None and not uri.startswith(("http:", "https:")):
+        location = (Path(work_dir).resolve() / "mlartifacts").as_uri()
+        mlflow.create_experiment(name, artifact_location=location)
+    mlflow.set_experiment(name)
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}: a resolved config as MLflow params."""
     out: dict[str, Any] = {}
@@ -33,17 +46,16 @@ def log_preprocess(
     run_name: str,
     uri: str,
     experiment: str,
+    work_dir: str | Path,
+    nested: bool = False,
 ) -> str:
     """One MLflow run for a preprocessing job: counts, throughput, and the dataset input
     (its digest is the output's fingerprint, which training runs reference)."""
     import mlflow
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment)
+    use_experiment(uri, experiment, work_dir)
     counts = manifest["counts"]
-    with mlflow.start_run(run_name=run_name) as run:
+    with mlflow.start_run(run_name=run_name, nested=nested) as run:
         mlflow.set_tags(
             {
                 "attnpipe.stage": "preprocess",
@@ -65,13 +77,20 @@ def log_preprocess(
         if "tokens_per_second" in manifest:
             metrics["tokens_per_second"] = manifest["tokens_per_second"]
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=0)
-        with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local path
-            warnings.simplefilter("ignore", UserWarning)
-            source = resolve_dataset_source(str(out_dir.resolve()))
-        dataset = MetaDataset(
-            source=source,
-            name=run_name,
-            digest=manifest["fingerprint"][:36],
-        )
-        mlflow.log_input(dataset, context="preprocess")
+        log_dataset(out_dir, manifest["fingerprint"], run_name, "preprocess")
         return run.info.run_id
+
+
+def log_dataset(data_dir: Path, fingerprint: str, name: str, context: str) -> None:
+    """A preprocessed output as an MLflow dataset input of the active run. Its digest is the
+    output's fingerprint, so the preprocessing run and the training runs that read the same
+    shards name the same dataset."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local path
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(Path(data_dir).resolve()))
+    dataset = MetaDataset(source=source, name=name, digest=fingerprint[:36])
+    mlflow.log_input(dataset, context=context)

@@ -1,0 +1,201 @@
+"""The training driver: checks the job against the cluster, opens the MLflow run, and runs
+the workers with Ray Train's TorchTrainer.
+
+Ray Train owns the worker group: placement (ScalingConfig), restarts after a worker or node
+failure (FailureConfig), and the checkpoints each report registers (CheckpointConfig keeps
+the last K). The driver owns what is about the job as a whole: the MLflow run, its params
+and tags, the dataset lineage, and after the fit the checkpoints and the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import JobSpec
+from pipeline.data.shards import read_manifest
+from pipeline.errors import UserError
+from pipeline.train.checkpoint import latest_complete, read_meta, resolve_resume
+from pipeline.train.worker import WorkerConfig, train_loop_per_worker
+
+
+class TrainingFailed(RuntimeError):
+    """The workers failed more often than training.max_failures allows."""
+
+
+def check_cluster(spec: JobSpec) -> None:
+    """Fail before any worker starts when the Ray cluster cannot hold the workers asked for."""
+    import ray
+
+    r = spec.resources
+    total = ray.cluster_resources()
+    for key, each, field in (
+        ("GPU", r.gpus_per_worker, "resources.gpus_per_worker"),
+        ("CPU", r.cpus_per_worker, "resources.cpus_per_worker"),
+    ):
+        need, have = each * r.num_workers, total.get(key, 0.0)
+        if need > have:
+            raise UserError(
+                f"{field}: {r.num_workers} workers x {each:g} {key} = {need:g} {key}s requested, "
+                f"the Ray cluster has {have:g}"
+            )
+
+
+def check_resume(spec: JobSpec, folder: Path) -> None:
+    meta = read_meta(folder)
+    n = spec.resources.num_workers
+    if meta["world_size"] != n and meta["zero_stage"] > 0:
+        raise UserError(
+            f"--resume-from {folder}: written by {meta['world_size']} workers with ZeRO stage "
+            f"{meta['zero_stage']}; resume it with resources.num_workers={meta['world_size']}"
+        )
+
+
+def preflight(spec: JobSpec, resume_from: str | None, uri: str) -> Path | None:
+    """Everything that can be checked before any data is read or worker started: the
+    cluster holds the workers, the resume target exists, is complete and fits."""
+    check_cluster(spec)
+    resume = resolve_resume(resume_from, uri) if resume_from else None
+    if resume is not None:
+        check_resume(spec, resume)
+    return resume
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "events.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_train(
+    spec: JobSpec,
+    data_dir: Path,
+    uri: str,
+    *,
+    resume_from: str | None = None,
+    progress: Callable[[str], None] = print,
+    faults: dict[str, Any] | None = None,
+    nested: bool = False,
+) -> dict[str, Any]:
+    """Train `spec` on the preprocessed data in `data_dir`, logging to MLflow at `uri`.
+    Returns the final metrics, the checkpoint folder, the MLflow run id and the events."""
+    import mlflow
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.tracking import flatten, log_dataset, use_experiment
+
+    resume = preflight(spec, resume_from, uri)
+    manifest = read_manifest(data_dir)
+    r, t = spec.resources, spec.training
+    storage = (Path(spec.storage.work_dir) / "runs").resolve()
+    name = f"{spec.job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = storage / name
+    resolved = spec.model_dump(mode="json")
+
+    use_experiment(uri, spec.tracking.experiment, spec.storage.work_dir)
+    tags = {
+        "attnpipe.stage": "train",
+        "attnpipe.job": spec.job.name,
+        "attnpipe.data_fingerprint": manifest["fingerprint"],
+        "attnpipe.attention_pattern": spec.attention.pattern,
+        "attnpipe.attention_backend": spec.attention.backend,
+        "attnpipe.checkpoint_dir": str(run_dir),
+        "attnpipe.ray_run_name": name,
+    }
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    submission = os.environ.get("RAY_JOB_SUBMISSION_ID")
+    if submission:
+        tags["attnpipe.ray_submission_id"] = submission
+    if resume is not None:
+        tags["attnpipe.resumed_from"] = str(resume)
+    with mlflow.start_run(
+        run_name=spec.job.name,
+        nested=nested,
+        tags=tags,
+        log_system_metrics=spec.tracking.system_metrics,
+    ) as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(resolved).items()})
+        progress(f"MLflow run {run.info.run_id}; checkpoints in {run_dir}")
+        config = WorkerConfig(
+            spec=resolved,
+            data_dir=str(Path(data_dir).resolve()),
+            run_dir=str(run_dir),
+            tracking_uri=uri,
+            mlflow_run_id=run.info.run_id,
+            resume_from=str(resume) if resume else None,
+            faults=faults or {},
+        )
+        use_gpu = r.gpus_per_worker > 0
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=asdict(config),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=r.num_workers,
+                use_gpu=use_gpu,
+                resources_per_worker={"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker},
+                placement_strategy=r.placement,
+            ),
+            run_config=RunConfig(
+                name=name,
+                storage_path=str(storage),
+                failure_config=FailureConfig(max_failures=t.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            ),
+        )
+        started = time.perf_counter()
+        try:
+            result = trainer.fit()
+        except Exception as exc:  # Ray's TrainingFailedError: the workers' error, summarised
+            mlflow.set_tag("attnpipe.error", str(exc).splitlines()[0][:500])
+            raise TrainingFailed(f"training failed: {str(exc).splitlines()[0]}") from exc
+        seconds = time.perf_counter() - started
+        events = read_events(run_dir)
+        last = latest_complete(run_dir)
+        mlflow.log_metric("train/wall_time_s", seconds, step=t.steps)
+        resumes = [e for e in events if e["event"] == "resume"]
+        if resumes:
+            mlflow.set_tag("attnpipe.resumes", json.dumps([e["step"] for e in resumes]))
+        log_dataset(data_dir, manifest["fingerprint"], spec.job.name, "training")
+        if last is not None and spec.tracking.log_checkpoints != "none":
+            kept = [last] if spec.tracking.log_checkpoints == "last" else _all(run_dir)
+            for folder in kept:
+                mlflow.log_artifacts(str(folder), f"checkpoints/{folder.name}")
+        return {
+            "mlflow_run_id": run.info.run_id,
+            "metrics": dict(result.metrics or {}),
+            "checkpoint": str(last) if last else None,
+            "run_dir": str(run_dir),
+            "events": events,
+            "seconds": seconds,
+        }
+
+
+def _all(run_dir: Path) -> list[Path]:
+    from pipeline.train.checkpoint import NAME, is_complete
+
+    return sorted(p for p in run_dir.iterdir() if NAME.match(p.name) and is_complete(p))

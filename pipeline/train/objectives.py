@@ -1,0 +1,93 @@
+"""Training objectives, one per model family, on batches of the shard format
+(pipeline/data/shards.py): causal LM for the decoder, masked LM for the encoder,
+sequence-to-sequence LM for the encoder-decoder.
+
+Each objective turns a (B, 2, L) uint32 batch of token ids and document ids into the
+model's inputs and returns (summed loss, number of predicted tokens), so evaluation can
+average over tokens exactly and training can take the mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.data.shards import PAD_DOC
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Objective:
+    family: str
+    special_ids: dict[str, int]
+    document_masking: bool = True
+    mlm_probability: float = 0.15
+    max_source_len: int | None = None
+    vocab_size: int = 0
+
+    def loss(
+        self, model: nn.Module, batch: np.ndarray, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, int]:
+        """(sum of token losses, token count) of `model` on `batch`."""
+        tokens = torch.from_numpy(batch[:, 0].astype(np.int64))
+        docs = torch.from_numpy(batch[:, 1].astype(np.int64))
+        real = docs != int(PAD_DOC)
+        device = next(model.parameters()).device
+        if self.family == "decoder":
+            inputs, labels = tokens[:, :-1], tokens[:, 1:].masked_fill(~real[:, 1:], IGNORE)
+            document_ids = docs[:, :-1] if self.document_masking else None
+            logits = model(
+                inputs.to(device),
+                key_padding_mask=real[:, :-1].to(device),
+                document_ids=None if document_ids is None else document_ids.to(device),
+            )
+        elif self.family == "encoder":
+            inputs, labels = self._mask(tokens[:, :-1], real[:, :-1], generator)
+            document_ids = docs[:, :-1] if self.document_masking else None
+            logits = model(
+                inputs.to(device),
+                key_padding_mask=real[:, :-1].to(device),
+                document_ids=None if document_ids is None else document_ids.to(device),
+            )
+        else:
+            s = self.max_source_len
+            if s is None:
+                raise ValueError("an encoder-decoder objective needs max_source_len")
+            src, tgt = tokens[:, :s], tokens[:, s:]
+            tgt_real = real[:, s:]
+            labels = tgt[:, 1:].masked_fill(~tgt_real[:, 1:], IGNORE)
+            logits = model(
+                src.to(device),
+                tgt[:, :-1].to(device),
+                src_padding_mask=real[:, :s].to(device),
+                tgt_padding_mask=tgt_real[:, :-1].to(device),
+            )
+        labels = labels.to(device)
+        count = int((labels != IGNORE).sum())
+        loss = F.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+        return loss, count
+
+    def _mask(
+        self, tokens: Tensor, real: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        """BERT's corruption: pick mlm_probability of the real tokens; of those, 80% become
+        the mask token, 10% a random token, 10% stay; labels only at the picked positions."""
+        mask_id = self.special_ids.get("mask")
+        if mask_id is None:
+            raise ValueError("a masked-LM objective needs a tokenizer with a <|mask|> token")
+        shape = tokens.shape
+        pick = (torch.rand(shape, generator=generator) < self.mlm_probability) & real
+        labels = tokens.masked_fill(~pick, IGNORE)
+        roll = torch.rand(shape, generator=generator)
+        inputs = tokens.masked_fill(pick & (roll < 0.8), mask_id)
+        random = torch.randint(0, self.vocab_size, shape, generator=generator)
+        swap = pick & (roll >= 0.8) & (roll < 0.9)
+        inputs = torch.where(swap, random, inputs)
+        return inputs, labels

@@ -1,0 +1,341 @@
+"""The loop every Ray Train worker runs: a model from models/, a DeepSpeed engine, the
+deterministic shard reader, evaluation, checkpoints and (rank 0) metrics to MLflow.
+
+The loop is written so that a run interrupted at any checkpoint and resumed ends with the
+same weights, bit for bit on CPU, as a run never interrupted: the data order is a function
+of (seed, samples consumed), the masked-LM corruption of (seed, step, rank), and each rank's
+RNG states travel in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import JobSpec, validate_spec
+from pipeline.data.reader import ShardReader
+from pipeline.data.shards import read_manifest
+from pipeline.train.checkpoint import (
+    DS_TAG,
+    checkpoint_name,
+    latest_complete,
+    read_meta,
+    read_rank_state,
+    rng_state,
+    set_rng_state,
+    write_meta,
+    write_rank_state,
+)
+from pipeline.train.deepspeed_config import LRSchedule, deepspeed_config
+from pipeline.train.flops import device_peak, train_flops_per_token
+from pipeline.train.objectives import Objective
+
+
+@dataclass
+class WorkerConfig:
+    """What the driver hands every worker (plain data: it travels through Ray)."""
+
+    spec: dict[str, Any]
+    data_dir: str
+    run_dir: str  # the Ray Train run folder: checkpoints and events.jsonl
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+    resume_from: str | None = None  # a complete checkpoint folder
+    faults: dict[str, Any] = field(default_factory=dict)  # fault injection, for tests only
+
+
+def quiet_worker_logs() -> None:
+    """attnpipe prints progress itself: keep Ray Train's per-report lines and the
+    deprecation notices DeepSpeed's collectives raise out of the job's output."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)  # Ray names it by file
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    Worker(WorkerConfig(**config)).run()
+
+
+class Worker:
+    def __init__(self, cfg: WorkerConfig) -> None:
+        import ray.train
+
+        quiet_worker_logs()
+        self.cfg = cfg
+        self.spec: JobSpec = validate_spec(cfg.spec, "<resolved spec>")
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = torch.device(
+            f"cuda:{ctx.get_local_rank()}" if torch.cuda.is_available() else "cpu"
+        )
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, int(self.spec.resources.cpus_per_worker)))
+        self.manifest = read_manifest(cfg.data_dir)
+        self.events = Path(cfg.run_dir) / "events.jsonl"
+        self.metrics = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def build(self) -> None:
+        import deepspeed
+
+        from models.attention.adaptive_span import span_modules
+        from models.transformer import build_model, set_activation_checkpointing
+
+        spec, t = self.spec, self.spec.training
+        torch.manual_seed(t.seed)  # the same initial weights on every rank
+        model = build_model(spec.model.architecture(), spec.attention)
+        set_activation_checkpointing(model, t.activation_checkpointing)
+        self.spans = span_modules(model)
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        groups = [
+            {"params": decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        schedule = LRSchedule(t.lr_schedule, t.steps)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=groups,
+            config=deepspeed_config(spec, self.world),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            dist_init_required=False,
+        )
+        self.accum = self.engine.gradient_accumulation_steps()
+        self.reader = ShardReader(
+            self.cfg.data_dir, "train", seed=t.seed, rank=self.rank, world_size=self.world
+        )
+        self.objective = Objective(
+            family=spec.model.family,
+            special_ids=self.manifest["special_ids"],
+            document_masking=t.document_masking,
+            mlm_probability=t.mlm_probability,
+            max_source_len=self.manifest.get("max_source_len"),
+            vocab_size=self.manifest["vocab_size"],
+        )
+        seq = self.manifest["seq_len"]
+        self.tokens_per_step = t.global_batch_size * seq
+        self.flops_per_token = train_flops_per_token(spec.attention, spec.model.architecture(), seq)
+        self.peak = device_peak(self.device, t.precision, t.peak_flops) if self.rank == 0 else 0.0
+
+    def restore(self, folder: Path) -> int:
+        meta = read_meta(folder)
+        self.engine.load_checkpoint(str(folder), tag=DS_TAG)
+        state = read_rank_state(folder, self.rank if meta["world_size"] == self.world else 0)
+        self.reader.load_state_dict(state["reader"])
+        if meta["world_size"] == self.world:
+            set_rng_state(state["rng"])
+        return int(meta["step"])
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        import ray.train
+
+        self.build()
+        step = 0
+        own = latest_complete(Path(self.cfg.run_dir)) if Path(self.cfg.run_dir).exists() else None
+        checkpoint = ray.train.get_checkpoint()
+        if own is not None:
+            # after a failure: this run's newest complete checkpoint. Ray Train's own pick
+            # can be older, when a worker died before the controller registered a report.
+            step = self.restore(own)
+            self.event("resume", step=step, checkpoint=str(own), cause="failure")
+        elif checkpoint is not None:  # storage this machine cannot list (s3://, gs://)
+            with checkpoint.as_directory() as local:
+                step = self.restore(Path(local))
+            self.event("resume", step=step, checkpoint=checkpoint.path, cause="failure")
+        elif self.cfg.resume_from:
+            step = self.restore(Path(self.cfg.resume_from))
+            self.event("resume", step=step, checkpoint=self.cfg.resume_from, cause="requested")
+        else:
+            self.event("start", step=0)
+        if self.rank == 0 and self.cfg.mlflow_run_id:
+            from pipeline.tracking.buffer import MetricBuffer
+
+            self.metrics = MetricBuffer(
+                self.cfg.tracking_uri or "",
+                self.cfg.mlflow_run_id,
+                capacity=self.spec.tracking.buffer_size,
+            )
+        t = self.spec.training
+        losses: list[float] = []
+        window_start, window_steps = time.perf_counter(), 0
+        try:
+            while step < t.steps:
+                losses.append(self.train_step(step))
+                step += 1
+                window_steps += 1
+                self.fault("kill", step)
+                last = step == t.steps
+                logged: dict[str, float] = {}
+                if step % t.log_interval == 0 or last:
+                    seconds = (time.perf_counter() - window_start) / window_steps
+                    logged = self.train_metrics(losses, seconds)
+                    losses, window_start, window_steps = [], time.perf_counter(), 0
+                if step % t.eval_interval == 0 or last:
+                    logged.update(self.evaluate())
+                if logged:
+                    self.log(logged, step)
+                if step % t.checkpoint_interval == 0 or last:
+                    self.save(step, logged)
+        finally:
+            if self.metrics is not None:
+                stats = self.metrics.close(timeout=60.0)
+                self.event("tracking", **stats)
+
+    def train_step(self, step: int) -> float:
+        """One optimizer step over `accum` micro batches; returns the mean loss."""
+        t = self.spec.training
+        total = 0.0
+        for micro in range(self.accum):
+            batch = self.reader.next_batch(t.micro_batch_size)
+            gen = torch.Generator().manual_seed(
+                ((t.seed * 1_000_003 + step) * 1_009 + micro) * 4_099 + self.rank
+            )
+            loss_sum, count = self.objective.loss(self.engine, batch, gen)
+            loss = loss_sum / max(count, 1)
+            if self.spans:
+                coef = self.spec.attention.adaptive_span.loss_coefficient  # type: ignore[union-attr]
+                loss = loss + coef * sum(m.penalty() for m in self.spans)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += float(loss.detach())
+        for m in self.spans:
+            m.clamp_()
+        return total / self.accum
+
+    # ------------------------------------------------------------------ metrics
+
+    def train_metrics(self, losses: list[float], step_seconds: float) -> dict[str, float]:
+        loss = torch.tensor([sum(losses) / len(losses)], dtype=torch.float64)
+        dist.all_reduce(loss)
+        tokens_per_s = self.tokens_per_step / step_seconds
+        out = {
+            "train/loss": float(loss) / self.world,
+            "train/lr": float(self.scheduler.get_last_lr()[0]),
+            "train/step_time_s": step_seconds,
+            "train/tokens_per_s": tokens_per_s,
+        }
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:
+            out["train/grad_norm"] = float(norm)
+        if self.rank == 0 and self.peak:
+            out["train/mfu"] = self.flops_per_token * tokens_per_s / (self.peak * self.world)
+        if self.device.type == "cuda":
+            out["train/memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:
+            out["train/memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        for i, m in enumerate(self.spans):
+            out[f"attention/span_mean_layer{i}"] = float(m.spans().mean())
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss and perplexity over the first eval_batches batches of the
+        validation split (the same samples at every evaluation), summed over ranks."""
+        t = self.spec.training
+        reader = ShardReader(
+            self.cfg.data_dir,
+            "val",
+            seed=t.seed,
+            rank=self.rank,
+            world_size=self.world,
+            shuffle=False,
+            verify=False,
+        )
+        per_step = t.micro_batch_size * self.world
+        batches = min(t.eval_batches, max(1, len(reader) // per_step))
+        was_training = self.engine.module.training
+        self.engine.module.eval()
+        totals = torch.zeros(2, dtype=torch.float64)
+        for i in range(batches):
+            batch = reader.next_batch(t.micro_batch_size)
+            gen = torch.Generator().manual_seed(t.seed * 7_919 + i * 31 + self.rank)
+            loss_sum, count = self.objective.loss(self.engine, batch, gen)
+            totals += torch.tensor([float(loss_sum), count], dtype=torch.float64)
+        self.engine.module.train(was_training)
+        dist.all_reduce(totals)
+        loss = float(totals[0] / max(totals[1], 1))
+        return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.metrics is not None:
+            self.metrics.log_metrics(metrics, step=step)
+        if self.rank == 0:
+            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "/" in k)
+            print(f"step {step}/{self.spec.training.steps} {shown}", file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, step: int, metrics: dict[str, float]) -> None:
+        """Every rank writes its part into a fresh local folder; Ray Train merges the parts
+        into one checkpoint folder in the run's storage and registers it once every rank
+        has reported. Each rank's `.done` marker comes last."""
+        import ray.train
+
+        folder = Path(tempfile.mkdtemp(prefix="attnpipe-checkpoint-"))
+        try:
+            self.engine.save_checkpoint(str(folder), tag=DS_TAG)
+            self.fault("checkpoint", step)
+            state = {"reader": self.reader.state_dict(), "rng": rng_state(), "step": step}
+            if self.rank == 0:
+                write_meta(
+                    folder,
+                    {
+                        "step": step,
+                        "world_size": self.world,
+                        "zero_stage": self.spec.deepspeed.zero_stage,
+                        "spec": self.cfg.spec,
+                        "data_fingerprint": self.manifest["fingerprint"],
+                        "time": time.time(),
+                    },
+                )
+            write_rank_state(folder, self.rank, state)
+            ray.train.report(
+                {"step": step, **metrics},
+                checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                checkpoint_dir_name=checkpoint_name(step),
+            )
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # ------------------------------------------------------------------ events, faults
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """One line in the run's events.jsonl (rank 0): starts, resumes, tracking stats."""
+        if self.rank != 0:
+            return
+        self.events.parent.mkdir(parents=True, exist_ok=True)
+        line = {"event": kind, "time": time.time(), "pid": os.getpid(), **fields}
+        with self.events.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def fault(self, where: str, step: int) -> None:
+        """Fault injection for the fault-tolerance tests: once per run (a marker file
+        remembers), the named rank kills its own process at the named point."""
+        spec = self.cfg.faults.get(where)
+        if not spec or spec["rank"] != self.rank or spec["step"] != step:
+            return
+        marker = Path(self.cfg.faults["marker_dir"]) / f"{where}-{step}"
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,370 @@
+"""Training: Ray Train + DeepSpeed on 2 CPU workers (gloo), checkpoints, exact resume and
+fault tolerance, against a real embedded Ray and an MLflow store."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_spec
+from pipeline.errors import UserError
+from pipeline.train.checkpoint import is_complete, latest_complete, resolve_resume
+from pipeline.train.deepspeed_config import LRSchedule, deepspeed_config
+from pipeline.train.objectives import IGNORE, Objective
+
+ROOT = Path(__file__).resolve().parent.parent
+ATTNPIPE = str(Path(sys.executable).parent / "attnpipe")
+
+
+def tiny_spec(work: Path, *overrides: str):
+    return load_spec(
+        ROOT / "jobs" / "decoder-tiny.yaml",
+        [
+            f"storage.work_dir={work}",
+            "data.seq_len=32",
+            "data.tokenizer.vocab_size=300",
+            "training.steps=12",
+            "training.global_batch_size=8",
+            "training.micro_batch_size=2",
+            "training.checkpoint_interval=4",
+            "training.eval_interval=6",
+            "training.eval_batches=2",
+            "training.log_interval=2",
+            "training.lr_schedule.warmup_steps=2",
+            "training.keep_checkpoints=5",
+            "deepspeed.zero_stage=2",
+            "tracking.system_metrics=false",
+            *overrides,
+        ],
+    )
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_deepspeed_config_follows_the_spec(tmp_path):
+    spec = tiny_spec(tmp_path, "deepspeed.zero_stage=3", "training.precision=bf16")
+    cfg = deepspeed_config(spec)
+    assert cfg["train_batch_size"] == 8 and cfg["gradient_accumulation_steps"] == 2
+    assert cfg["train_micro_batch_size_per_gpu"] == 2
+    assert cfg["zero_optimization"]["stage"] == 3 and cfg["bf16"]["enabled"]
+    assert cfg["optimizer"]["params"]["torch_adam"] is True
+    off = deepspeed_config(tiny_spec(tmp_path, "deepspeed.offload_optimizer=true"))
+    assert off["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert "torch_adam" not in off["optimizer"]["params"]
+    assert deepspeed_config(spec, world_size=4)["gradient_accumulation_steps"] == 1
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant"])
+def test_lr_schedule_warms_up_then_decays_to_the_floor(name):
+    from pipeline.config import ScheduleLRNode
+
+    sched = LRSchedule(ScheduleLRNode(name=name, warmup_steps=10, min_lr_ratio=0.1), 110)
+    warm = [sched(s) for s in range(10)]
+    assert warm == sorted(warm) and warm[0] > 0 and sched(10) == pytest.approx(1.0)
+    end = {"cosine": 0.1, "linear": 0.1, "constant": 1.0}[name]
+    assert sched(110) == pytest.approx(end)
+    if name == "cosine":
+        assert sched(60) == pytest.approx(0.55)  # halfway: the mean of 1 and the floor
+
+
+def batch_of(tokens: list[list[int]], docs: list[list[int]]) -> np.ndarray:
+    return np.stack([np.array(tokens, dtype=np.uint32), np.array(docs, dtype=np.uint32)], axis=1)
+
+
+def test_causal_lm_objective_shifts_and_ignores_padding():
+    from pipeline.data.shards import PAD_DOC
+
+    seen = {}
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, ids, key_padding_mask=None, document_ids=None):
+            seen.update(ids=ids, kpm=key_padding_mask, docs=document_ids)
+            return torch.zeros(*ids.shape, 10) + self.w
+
+    pad = int(PAD_DOC)
+    batch = batch_of([[5, 6, 0, 7, 1, 1]], [[0, 0, 0, 1, pad, pad]])
+    obj = Objective("decoder", {"eod": 0, "pad": 1, "bos": 2, "mask": 3}, vocab_size=10)
+    loss, count = obj.loss(Probe(), batch)
+    assert seen["ids"].tolist() == [[5, 6, 0, 7, 1]]
+    assert seen["docs"].tolist() == [[0, 0, 0, 1, pad]]
+    assert count == 3  # targets 6, 0, 7; the two padding targets are ignored
+    assert float(loss) == pytest.approx(3 * math.log(10))
+
+
+def test_masked_lm_objective_corrupts_like_bert():
+    obj = Objective(
+        "encoder", {"eod": 0, "pad": 1, "bos": 2, "mask": 3}, mlm_probability=0.15, vocab_size=300
+    )
+    tokens = torch.randint(10, 300, (64, 256))
+    real = torch.ones_like(tokens, dtype=torch.bool)
+    real[:, 200:] = False
+    inputs, labels = obj._mask(tokens, real, torch.Generator().manual_seed(0))
+    picked = labels != IGNORE
+    assert not picked[:, 200:].any()
+    rate = float(picked[:, :200].float().mean())
+    assert 0.13 < rate < 0.17
+    as_mask = float((inputs[picked] == 3).float().mean())
+    kept = float((inputs[picked] == tokens[picked]).float().mean())
+    assert 0.76 < as_mask < 0.84 and 0.07 < kept < 0.14
+    assert torch.equal(inputs[~picked], tokens[~picked])
+
+
+def test_seq2seq_objective_feeds_source_and_shifted_target():
+    from pipeline.data.shards import PAD_DOC
+
+    seen = {}
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, src, tgt, src_padding_mask=None, tgt_padding_mask=None):
+            seen.update(src=src, tgt=tgt, smask=src_padding_mask)
+            return torch.zeros(*tgt.shape, 10) + self.w
+
+    pad = int(PAD_DOC)
+    # source (3): 5, EOD, PAD; target region (4): BOS, 8, EOD, PAD
+    batch = batch_of([[5, 0, 1, 2, 8, 0, 1]], [[4, 4, pad, 4, 4, 4, pad]])
+    obj = Objective("encoder_decoder", {"eod": 0, "pad": 1, "bos": 2}, max_source_len=3)
+    _, count = obj.loss(Probe(), batch)
+    assert seen["src"].tolist() == [[5, 0, 1]] and seen["smask"].tolist() == [[True, True, False]]
+    assert seen["tgt"].tolist() == [[2, 8, 0]]
+    assert count == 2  # predicts 8 and EOD
+
+
+def test_an_incomplete_checkpoint_is_never_the_resume_target(tmp_path):
+    def make(step: int, ranks_done: int) -> Path:
+        folder = tmp_path / "run" / f"checkpoint-{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / "meta.json").write_text(json.dumps({"step": step, "world_size": 2}))
+        for r in range(ranks_done):
+            (folder / f"rank-{r:05d}.done").write_text("ok\n")
+        return folder
+
+    good = make(4, 2)
+    cut = make(8, 1)  # a save that crashed after rank 0's part
+    assert is_complete(good) and not is_complete(cut)
+    assert latest_complete(tmp_path / "run") == good
+    assert resolve_resume(str(tmp_path / "run")) == good.resolve()
+    with pytest.raises(UserError, match="incomplete checkpoint"):
+        resolve_resume(str(cut))
+    with pytest.raises(UserError, match="no such checkpoint"):
+        resolve_resume(str(tmp_path / "missing"))
+
+
+# --------------------------------------------------------------------------- Ray runs
+
+
+def write_corpus(folder: Path, n: int = 160) -> str:
+    rng = random.Random(0)
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "while",
+        "seven",
+        "wizards",
+        "quietly",
+        "hex",
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        body = " ".join(rng.choice(words) for _ in range(rng.randrange(20, 160)))
+        (folder / f"doc{i:04d}.txt").write_text(f"Document {i}.\n{body}")
+    return str(folder / "*.txt")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from pipeline.run import start_local_ray
+
+    start_local_ray(2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def data_overrides(glob: str) -> list[str]:
+    return ["data.sources.0.kind=files", f"data.sources.0.path={glob}", "data.min_chars=5"]
+
+
+@pytest.fixture(scope="module")
+def data(ray_cluster, corpus, tmp_path_factory):
+    """Decoder shards of the test corpus, preprocessed once for the module."""
+    from pipeline.data.preprocess import preprocess
+
+    spec = tiny_spec(tmp_path_factory.mktemp("w"), *data_overrides(corpus))
+    out = tmp_path_factory.mktemp("shards")
+    preprocess(spec.data, out, vocab_size=300, parallelism=2, progress=lambda m: None)
+    return out
+
+
+def train(work: Path, data_dir: Path, *overrides: str, **kwargs):
+    from pipeline.tracking import tracking_uri
+    from pipeline.train.driver import run_train
+
+    spec = tiny_spec(work, *overrides)
+    uri = tracking_uri(spec.tracking.uri, spec.storage.work_dir)
+    return run_train(spec, data_dir, uri, progress=lambda m: None, **kwargs)
+
+
+def weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The full fp32 model weights of a ZeRO-0/1/2 checkpoint."""
+    state = torch.load(Path(checkpoint) / "ds" / "mp_rank_00_model_states.pt", weights_only=False)
+    return state["module"]
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference_run(data, tmp_path_factory):
+    """An uninterrupted 12-step ZeRO-2 run: the weights every resumed run must end with."""
+    return train(tmp_path_factory.mktemp("ref"), data)
+
+
+def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    points = MlflowClient(uri).get_metric_history(run_id, key)
+    return sorted((p.step, p.value) for p in points)
+
+
+def test_zero2_run_learns_logs_every_metric_and_keeps_complete_checkpoints(reference_run):
+    from pipeline.tracking import tracking_uri
+
+    result = reference_run
+    uri = tracking_uri(None, Path(result["run_dir"]).parent.parent)
+    losses = history(uri, result["mlflow_run_id"], "train/loss")
+    assert [s for s, _ in losses] == [2, 4, 6, 8, 10, 12]
+    assert losses[-1][1] < losses[0][1] - 0.5  # it learns
+    for key in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "val/loss"):
+        assert history(uri, result["mlflow_run_id"], key), key
+    assert [s for s, _ in history(uri, result["mlflow_run_id"], "val/loss")] == [6, 12]
+    run_dir = Path(result["run_dir"])
+    kept = sorted(p.name for p in run_dir.glob("checkpoint-*"))
+    assert kept == ["checkpoint-00000004", "checkpoint-00000008", "checkpoint-00000012"]
+    assert all(is_complete(run_dir / k) for k in kept)
+    assert Path(result["checkpoint"]).name == "checkpoint-00000012"
+    tracking = [e for e in result["events"] if e["event"] == "tracking"]
+    assert tracking and tracking[-1]["dropped"] == 0 and tracking[-1]["undelivered"] == 0
+
+
+def test_explicit_resume_ends_bitwise_equal_to_the_uninterrupted_run(reference_run, data, tmp_path):
+    start = Path(reference_run["run_dir"]) / "checkpoint-00000004"
+    resumed = train(tmp_path, data, resume_from=str(start))
+    assert [e["step"] for e in resumed["events"] if e["event"] == "resume"] == [4]
+    assert_bitwise_equal(weights(resumed["checkpoint"]), weights(reference_run["checkpoint"]))
+
+
+def test_a_killed_worker_is_replaced_and_the_run_ends_with_the_same_weights(
+    reference_run, data, tmp_path
+):
+    faults = {"kill": {"rank": 1, "step": 6}, "marker_dir": str(tmp_path / "faults")}
+    result = train(tmp_path, data, "training.max_failures=1", faults=faults)
+    assert (tmp_path / "faults" / "kill-6").exists()  # the worker was SIGKILLed at step 6
+    assert [e["step"] for e in result["events"] if e["event"] == "resume"] == [4]
+    assert result["metrics"]["step"] == 12
+    assert_bitwise_equal(weights(result["checkpoint"]), weights(reference_run["checkpoint"]))
+
+
+def test_a_crash_inside_a_checkpoint_save_resumes_from_the_previous_complete_one(
+    reference_run, data, tmp_path
+):
+    faults = {"checkpoint": {"rank": 1, "step": 8}, "marker_dir": str(tmp_path / "faults")}
+    result = train(tmp_path, data, "training.max_failures=1", faults=faults)
+    assert (tmp_path / "faults" / "checkpoint-8").exists()
+    assert [e["step"] for e in result["events"] if e["event"] == "resume"] == [4]
+    assert_bitwise_equal(weights(result["checkpoint"]), weights(reference_run["checkpoint"]))
+
+
+def test_zero3_sparse_decoder_learns(data, tmp_path):
+    result = train(
+        tmp_path,
+        data,
+        "deepspeed.zero_stage=3",
+        "attention.pattern=sliding_window",
+        "attention.params={window: 8}",
+        "attention.backend=blocksparse",
+        "attention.block_size=16",
+    )
+    from pipeline.tracking import tracking_uri
+
+    losses = history(tracking_uri(None, tmp_path), result["mlflow_run_id"], "train/loss")
+    assert losses[-1][1] < losses[0][1] - 0.5
+    assert result["metrics"]["val/loss"] < math.log(300)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("training.global_batch_size=10", "training.global_batch_size: 10 is not a multiple"),
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+        ("training.optimizer.lr=0", "training.optimizer.lr"),
+        ("resources.gpus_per_worker=1", "resources.gpus_per_worker: 2 workers x 1 GPU"),
+    ],
+)
+def test_bad_training_input_is_one_line_before_any_worker(tmp_path, override, message):
+    result = subprocess.run(
+        [ATTNPIPE, "run", "jobs/decoder-tiny.yaml", f"storage.work_dir={tmp_path}", override],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("attnpipe: error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()  # nothing preprocessed, nothing half-written
+
+
+def test_a_missing_resume_target_is_one_line(tmp_path):
+    result = subprocess.run(
+        [
+            ATTNPIPE,
+            "run",
+            "jobs/decoder-tiny.yaml",
+            f"storage.work_dir={tmp_path}",
+            "--resume-from",
+            str(tmp_path / "nope"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--resume-from" in result.stderr and "no such checkpoint" in result.stderr
