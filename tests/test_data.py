@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from corpus import write_corpus
 
 from pipeline.config import DataNode, SourceNode
 from pipeline.data import text as stages
@@ -204,34 +205,6 @@ def ray_local():
     ray.shutdown()
 
 
-def write_corpus(folder: Path, n: int = 120) -> str:
-    rng = random.Random(0)
-    words = [
-        "the",
-        "quick",
-        "brown",
-        "fox",
-        "jumps",
-        "over",
-        "a",
-        "lazy",
-        "dog",
-        "while",
-        "seven",
-        "wizards",
-        "quietly",
-        "hex",
-    ]
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        body = " ".join(rng.choice(words) for _ in range(rng.randrange(20, 200)))
-        (folder / f"doc{i:04d}.txt").write_text(f"Document {i % 100}.\n{body}")
-    (folder / "empty.txt").write_text("   \n")
-    (folder / "short.txt").write_text("hi")
-    (folder / "dup.txt").write_text((folder / "doc0003.txt").read_text())
-    return str(folder / "*.txt")
-
-
 def run(ray_local, tmp_path, glob, out, parallelism, **data):
     from pipeline.data.preprocess import preprocess
 
@@ -347,11 +320,16 @@ def test_attnpipe_run_rejects_kinds_it_cannot_run_yet():
 
     root = Path(__file__).resolve().parent.parent
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "attnpipe"), "run", "jobs/decoder-tiny.yaml"],
+        [
+            str(Path(sys.executable).parent / "attnpipe"),
+            "run",
+            "jobs/decoder-tiny.yaml",
+            "job.kind=retrain",
+        ],
         capture_output=True,
         text=True,
         cwd=root,
         timeout=120,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "job.kind: 'train' jobs cannot be run yet" in result.stderr
+    assert "job.kind: 'retrain' jobs cannot be run yet" in result.stderr

@@ -69,21 +69,25 @@ def quiet_worker_logs() -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    Worker(WorkerConfig(**config)).run()
+    import ray.train
+
+    quiet_worker_logs()
+    ctx = ray.train.get_context()
+    worker = Worker(
+        WorkerConfig(**config), ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+    )
+    worker.run()
 
 
 class Worker:
-    def __init__(self, cfg: WorkerConfig) -> None:
-        import ray.train
+    """One data-parallel rank. Ray Train supplies rank and world size; a benchmark or a test
+    can build one in a process where torch.distributed is already initialised."""
 
-        quiet_worker_logs()
+    def __init__(self, cfg: WorkerConfig, rank: int, world: int, local_rank: int = 0) -> None:
         self.cfg = cfg
         self.spec: JobSpec = validate_spec(cfg.spec, "<resolved spec>")
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = torch.device(
-            f"cuda:{ctx.get_local_rank()}" if torch.cuda.is_available() else "cpu"
-        )
+        self.rank, self.world = rank, world
+        self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(self.spec.resources.cpus_per_worker)))
         self.manifest = read_manifest(cfg.data_dir)
