@@ -129,6 +129,43 @@ def plan_memory(
         render(result)
 
 
+@app.command("export")
+def export_model(
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="A checkpoint folder, a folder of checkpoints (the newest complete one), "
+            "or the MLflow run id of a training run."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write (new or empty).")],
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri",
+            help="MLflow store holding the run id (default: $MLFLOW_TRACKING_URI, else the "
+            "local store in attnpipe-work).",
+        ),
+    ] = None,
+) -> None:
+    """Consolidate a checkpoint's ZeRO partitions into model.safetensors + config.json +
+    tokenizer.json."""
+    import os
+
+    from pipeline.tracking import tracking_uri as default_uri
+    from pipeline.train.export import export
+
+    uri = (
+        tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(None, "attnpipe-work")
+    )
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress: not the summary
+            result = export(target, out, uri)
+    except UserError as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(result, indent=2))
+
+
 @app.command("models")
 def list_models(
     seq_len: Annotated[

@@ -254,6 +254,25 @@ def test_zero2_run_learns_logs_every_metric_and_keeps_complete_checkpoints(refer
     assert tracking and tracking[-1]["dropped"] == 0 and tracking[-1]["undelivered"] == 0
 
 
+def test_the_final_model_is_exported_logged_and_registered(reference_run):
+    import mlflow
+
+    from models.pretrained import load_pretrained
+    from pipeline.tracking import tracking_uri
+
+    model = reference_run["model"]
+    exported = load_pretrained(model["export_dir"])
+    for key, value in weights(reference_run["checkpoint"]).items():
+        assert torch.equal(exported.state_dict()[key], value.float()), key
+    mlflow.set_tracking_uri(tracking_uri(None, Path(reference_run["run_dir"]).parent.parent))
+    version = mlflow.tracking.MlflowClient().get_model_version(model["name"], model["version"])
+    assert version.run_id == reference_run["mlflow_run_id"]
+    assert version.tags["attnpipe.step"] == "12"
+    served = mlflow.pyfunc.load_model(f"models:/{model['name']}/{model['version']}")
+    out = served.predict(["Document 7."], params={"max_new_tokens": 5})
+    assert len(out) == 1 and isinstance(out[0], str)
+
+
 def test_explicit_resume_ends_bitwise_equal_to_the_uninterrupted_run(reference_run, data, tmp_path):
     start = Path(reference_run["run_dir"]) / "checkpoint-00000004"
     resumed = train(tmp_path, data, resume_from=str(start))

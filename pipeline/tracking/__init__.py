@@ -94,3 +94,35 @@ def log_dataset(data_dir: Path, fingerprint: str, name: str, context: str) -> No
         source = resolve_dataset_source(str(Path(data_dir).resolve()))
     dataset = MetaDataset(source=source, name=name, digest=fingerprint[:36])
     mlflow.log_input(dataset, context=context)
+
+
+def log_model(export_dir: Path, register_name: str | None, tags: dict[str, str]) -> dict[str, Any]:
+    """The exported model (safetensors + config + tokenizer) as an MLflow model of the
+    active run, registered as a new version of `register_name` when given."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    import models
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", 32)]),
+    )
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(Path(__file__).with_name("mlflow_model.py")),
+        artifacts={"model": str(export_dir)},
+        code_paths=[str(Path(models.__file__).parent)],
+        signature=signature,
+        pip_requirements=["torch", "safetensors", "tokenizers", "pydantic", "numpy"],
+        registered_model_name=register_name,
+        tags=tags,
+    )
+    version = getattr(info, "registered_model_version", None)
+    if register_name and version is not None:
+        client = mlflow.tracking.MlflowClient()
+        for key, value in tags.items():
+            client.set_model_version_tag(register_name, str(version), key, value)
+    return {"model_uri": info.model_uri, "model_id": info.model_id, "version": version}

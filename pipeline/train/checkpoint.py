@@ -93,33 +93,36 @@ def latest_complete(run_dir: Path) -> Path | None:
     return Path(max(found)[1]) if found else None
 
 
-def resolve_resume(target: str, tracking_uri: str | None = None) -> Path:
-    """A checkpoint folder from `--resume-from`: a checkpoint folder, a folder holding
-    checkpoints (the newest complete one), or an MLflow run id of a training run."""
+def resolve_resume(
+    target: str, tracking_uri: str | None = None, option: str = "--resume-from"
+) -> Path:
+    """A checkpoint folder from `--resume-from` (or `export`'s argument): a checkpoint
+    folder, a folder holding checkpoints (the newest complete one), or an MLflow run id of
+    a training run."""
     path = Path(target)
     if not path.exists() and re.fullmatch(r"[0-9a-f]{32}", target) and tracking_uri:
-        path = Path(_run_checkpoint_dir(target, tracking_uri))
+        path = Path(_run_checkpoint_dir(target, tracking_uri, option))
     if not path.exists():
-        raise UserError(f"--resume-from {target}: no such checkpoint, folder or MLflow run")
+        raise UserError(f"{option} {target}: no such checkpoint, folder or MLflow run")
     if (path / "meta.json").exists():
         if not is_complete(path):
-            raise UserError(f"--resume-from {target}: an incomplete checkpoint (a save was cut)")
+            raise UserError(f"{option} {target}: an incomplete checkpoint (a save was cut)")
         return path.resolve()
     found = latest_complete(path)
     if found is None:
-        raise UserError(f"--resume-from {target}: holds no complete checkpoint")
+        raise UserError(f"{option} {target}: holds no complete checkpoint")
     return found.resolve()
 
 
-def _run_checkpoint_dir(run_id: str, tracking_uri: str) -> str:
+def _run_checkpoint_dir(run_id: str, tracking_uri: str, option: str) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     try:
         run = MlflowClient(tracking_uri).get_run(run_id)
     except MlflowException:
-        raise UserError(f"--resume-from {run_id}: no such MLflow run in {tracking_uri}") from None
+        raise UserError(f"{option} {run_id}: no such MLflow run in {tracking_uri}") from None
     folder = run.data.tags.get("attnpipe.checkpoint_dir")
     if not folder:
-        raise UserError(f"--resume-from {run_id}: the MLflow run has no attnpipe checkpoints")
+        raise UserError(f"{option} {run_id}: the MLflow run has no attnpipe checkpoints")
     return folder

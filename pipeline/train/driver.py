@@ -185,7 +185,12 @@ def run_train(
             kept = [last] if spec.tracking.log_checkpoints == "last" else _all(run_dir)
             for folder in kept:
                 mlflow.log_artifacts(str(folder), f"checkpoints/{folder.name}")
+        model = None
+        if last is not None:
+            progress("exporting and registering the model")
+            model = log_trained_model(spec, last, run_dir, result.metrics or {})
         return {
+            "model": model,
             "mlflow_run_id": run.info.run_id,
             "metrics": dict(result.metrics or {}),
             "checkpoint": str(last) if last else None,
@@ -199,3 +204,26 @@ def _all(run_dir: Path) -> list[Path]:
     from pipeline.train.checkpoint import NAME, is_complete
 
     return sorted(p for p in run_dir.iterdir() if NAME.match(p.name) and is_complete(p))
+
+
+def log_trained_model(
+    spec: JobSpec, checkpoint: Path, run_dir: Path, metrics: dict[str, Any]
+) -> dict[str, Any]:
+    """Consolidate the final checkpoint, log it as the run's MLflow model and register it
+    under tracking.register_name (default: the job name)."""
+    from pipeline.tracking import log_model
+    from pipeline.train.export import export
+
+    out = run_dir / "model"
+    if not out.exists():
+        export(str(checkpoint), out)
+    tags = {
+        "attnpipe.job": spec.job.name,
+        "attnpipe.step": str(read_meta(checkpoint)["step"]),
+        "attnpipe.data_fingerprint": read_meta(checkpoint)["data_fingerprint"],
+        "attnpipe.attention_pattern": spec.attention.pattern,
+    }
+    if "val/loss" in metrics:
+        tags["attnpipe.val_loss"] = f"{metrics['val/loss']:.6f}"
+    name = spec.tracking.register_name or spec.job.name
+    return {**log_model(out, name, tags), "name": name, "export_dir": str(out)}

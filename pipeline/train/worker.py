@@ -308,6 +308,7 @@ class Worker:
                         "zero_stage": self.spec.deepspeed.zero_stage,
                         "spec": self.cfg.spec,
                         "data_fingerprint": self.manifest["fingerprint"],
+                        "data_dir": self.cfg.data_dir,
                         "time": time.time(),
                     },
                 )

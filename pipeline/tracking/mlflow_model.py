@@ -1,0 +1,61 @@
+"""The MLflow model of a trained attnpipe model (MLflow's models-from-code: MLflow stores
+this file and loads it, so serving needs torch, safetensors, tokenizers and the `models`
+package bundled with the model, not attnpipe itself).
+
+Input: prompts (a list of strings, or a one-column DataFrame). Output: for a decoder,
+the prompt's continuation; for an encoder-decoder, the generated target; for an encoder,
+the input with every <|mask|> token filled in. Param `max_new_tokens` (default 32).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class AttnpipeModel(PythonModel):
+    def load_context(self, context: Any) -> None:
+        from pathlib import Path
+
+        from tokenizers import Tokenizer
+
+        from models.pretrained import load_config, load_pretrained
+
+        folder = Path(context.artifacts["model"])
+        self.model = load_pretrained(folder)
+        self.family = load_config(folder)["model"]["family"]
+        self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+    def predict(
+        self, context: Any, model_input: Any, params: dict[str, Any] | None = None
+    ) -> list[str]:
+        import torch
+
+        from models.generate import generate, generate_seq2seq
+
+        prompts = (
+            list(model_input.iloc[:, 0]) if hasattr(model_input, "columns") else list(model_input)
+        )
+        max_new = int((params or {}).get("max_new_tokens", 32))
+        eod = self.tok.token_to_id("<|endoftext|>")
+        out = []
+        for prompt in prompts:
+            ids = torch.tensor([self.tok.encode(str(prompt)).ids], dtype=torch.long)
+            if self.family == "decoder":
+                tokens = generate(self.model, ids, max_new, eos_id=eod)[0, ids.shape[1] :]
+            elif self.family == "encoder_decoder":
+                bos = self.tok.token_to_id("<|bos|>")
+                tokens = generate_seq2seq(self.model, ids, max_new, bos, eos_id=eod)[0, 1:]
+            else:
+                with torch.no_grad():
+                    best = self.model(ids).argmax(-1)[0]
+                mask = ids[0] == self.tok.token_to_id("<|mask|>")
+                tokens = torch.where(mask, best, ids[0])
+            kept = [int(t) for t in tokens if int(t) != eod]
+            out.append(self.tok.decode(kept))
+        return out
+
+
+mlflow.models.set_model(AttnpipeModel())
