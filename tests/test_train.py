@@ -318,6 +318,70 @@ def test_zero3_sparse_decoder_learns(data, tmp_path):
     assert result["metrics"]["val/loss"] < math.log(300)
 
 
+def test_a_tracking_server_outage_mid_run_loses_no_metric_point(data, tmp_path):
+    """A real `mlflow server` is stopped once the run has logged, and started again on the
+    same port and store some seconds later: training never waits for it, and every
+    point logged during the outage arrives afterwards."""
+    import threading
+    import time
+
+    from mlflow.tracking import MlflowClient
+    from mlflow_server import MlflowServer, wait_for
+
+    (tmp_path / "mlflow").mkdir()
+    server = MlflowServer(tmp_path / "mlflow")
+    server.start()
+    seen: dict[str, int] = {}
+
+    def outage() -> None:
+        client = MlflowClient(server.uri)
+
+        def logged() -> bool:
+            runs = client.search_runs(
+                [e.experiment_id for e in client.search_experiments()], max_results=1
+            )
+            if not runs:
+                return False
+            points = client.get_metric_history(runs[0].info.run_id, "train/loss")
+            seen["before"] = max((p.step for p in points), default=0)
+            return seen["before"] > 0
+
+        wait_for(logged, "the first logged step", timeout=300)
+        server.stop()
+        time.sleep(5)
+        server.start()
+        seen["restarted"] = 1
+
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    try:
+        result = train(
+            tmp_path,
+            data,
+            f"tracking.uri={server.uri}",
+            "training.steps=300",
+            "training.log_interval=1",
+            "training.eval_interval=100",
+            "training.checkpoint_interval=300",
+            "training.lr_schedule.warmup_steps=10",
+            "tracking.log_checkpoints=none",
+        )
+        thread.join(timeout=120)
+        assert seen.get("restarted") and seen["before"] < 300  # the outage was mid-run
+        steps = [s for s, _ in history(server.uri, result["mlflow_run_id"], "train/loss")]
+        assert steps == list(range(1, 301))  # every point, once
+        assert [s for s, _ in history(server.uri, result["mlflow_run_id"], "val/loss")] == [
+            100,
+            200,
+            300,
+        ]
+        tracking = [e for e in result["events"] if e["event"] == "tracking"][-1]
+        assert tracking["dropped"] == 0 and tracking["undelivered"] == 0
+    finally:
+        thread.join(timeout=120)
+        server.stop()
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -170,6 +170,7 @@ class Worker:
             self.event("resume", step=step, checkpoint=self.cfg.resume_from, cause="requested")
         else:
             self.event("start", step=0)
+        self.event("placement", every_rank=True, rank=self.rank, node=_node_id())
         if self.rank == 0 and self.cfg.mlflow_run_id:
             from pipeline.tracking.buffer import MetricBuffer
 
@@ -323,9 +324,10 @@ class Worker:
 
     # ------------------------------------------------------------------ events, faults
 
-    def event(self, kind: str, **fields: Any) -> None:
-        """One line in the run's events.jsonl (rank 0): starts, resumes, tracking stats."""
-        if self.rank != 0:
+    def event(self, kind: str, every_rank: bool = False, **fields: Any) -> None:
+        """One line in the run's events.jsonl (rank 0 unless every_rank): starts, resumes,
+        placement, tracking stats."""
+        if self.rank != 0 and not every_rank:
             return
         self.events.parent.mkdir(parents=True, exist_ok=True)
         line = {"event": kind, "time": time.time(), "pid": os.getpid(), **fields}
@@ -344,3 +346,9 @@ class Worker:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(str(os.getpid()))
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
