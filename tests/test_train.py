@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ATTNPIPE = str(Path(sys.executable).parent / "attnpipe")
 
 
-def tiny_spec(work: Path, *overrides: str):
+def tiny_spec(work: Path, *overrides: str, job: str = "decoder-tiny"):
     return load_spec(
-        ROOT / "jobs" / "decoder-tiny.yaml",
+        ROOT / "jobs" / f"{job}.yaml",
         [
             f"storage.work_dir={work}",
             "data.seq_len=32",
@@ -146,6 +147,25 @@ def test_seq2seq_objective_feeds_source_and_shifted_target():
     assert count == 2  # predicts 8 and EOD
 
 
+@pytest.mark.parametrize("family", ["decoder", "encoder_decoder"])
+def test_activation_checkpointing_gives_the_same_gradients(family):
+    from models.config import ModelConfig
+    from models.transformer import build_model, set_activation_checkpointing
+
+    cfg = ModelConfig(family=family, vocab_size=64, d_model=32, n_layers=2, n_heads=4)
+    ids = torch.randint(0, 64, (2, 12))
+    grads = []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        set_activation_checkpointing(model, enabled)
+        out = model(ids) if family == "decoder" else model(ids, ids)
+        out.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
 def test_an_incomplete_checkpoint_is_never_the_resume_target(tmp_path):
     def make(step: int, ranks_done: int) -> Path:
         folder = tmp_path / "run" / f"checkpoint-{step:08d}"
@@ -200,11 +220,11 @@ def data(ray_cluster, corpus, tmp_path_factory):
     return out
 
 
-def train(work: Path, data_dir: Path, *overrides: str, **kwargs):
+def train(work: Path, data_dir: Path, *overrides: str, job: str = "decoder-tiny", **kwargs):
     from pipeline.tracking import tracking_uri
     from pipeline.train.driver import run_train
 
-    spec = tiny_spec(work, *overrides)
+    spec = tiny_spec(work, *overrides, job=job)
     uri = tracking_uri(spec.tracking.uri, spec.storage.work_dir)
     return run_train(spec, data_dir, uri, progress=lambda m: None, **kwargs)
 
@@ -380,6 +400,98 @@ def test_a_tracking_server_outage_mid_run_loses_no_metric_point(data, tmp_path):
     finally:
         thread.join(timeout=120)
         server.stop()
+
+
+def write_pairs(path: Path, n: int = 400) -> str:
+    """(source, target) pairs with a learnable rule: the target is the source reversed."""
+    rng = random.Random(1)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+    with path.open("w") as f:
+        for _ in range(n):
+            src = [rng.choice(words) for _ in range(rng.randrange(3, 9))]
+            f.write(json.dumps({"text": " ".join(src), "target": " ".join(src[::-1])}) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("job", ["encoder-tiny", "encdec-tiny"])
+def test_every_model_family_trains_with_its_objective(ray_cluster, corpus, job, tmp_path):
+    from pipeline.data.preprocess import preprocess
+    from pipeline.tracking import tracking_uri
+
+    if job == "encdec-tiny":
+        source = [
+            "data.sources.0.kind=files",
+            f"data.sources.0.path={write_pairs(tmp_path / 'pairs.jsonl')}",
+            "data.sources.0.format=jsonl",
+            "data.sources.0.target_column=target",
+            "data.max_source_len=16",
+            "data.max_target_len=16",
+        ]
+    else:
+        source = data_overrides(corpus)
+    overrides = [*source, "deepspeed.zero_stage=1", "training.steps=16"]
+    spec = tiny_spec(tmp_path, *overrides, job=job)
+    shards = tmp_path / "shards"
+    paired = job == "encdec-tiny"
+    preprocess(spec.data, shards, vocab_size=300, paired=paired, progress=lambda m: None)
+    result = train(tmp_path, shards, *overrides, job=job)
+    losses = history(tracking_uri(None, tmp_path), result["mlflow_run_id"], "train/loss")
+    assert len(losses) == 8 and losses[-1][1] < losses[0][1] - 0.3
+    assert result["metrics"]["val/perplexity"] < 300  # better than uniform over the vocabulary
+
+
+def test_attnpipe_run_pipeline_job_then_export_by_run_id(corpus, tmp_path):
+    """The CLI end to end: a pipeline job (a parent MLflow run with a preprocessing and a
+    training run nested in it), then `attnpipe export` of that training run by its id."""
+    import mlflow
+
+    from models.pretrained import load_pretrained
+    from pipeline.tracking import tracking_uri
+
+    cmd = [ATTNPIPE, "run", "jobs/decoder-tiny.yaml", "job.kind=pipeline"]
+    spec = [f"storage.work_dir={tmp_path}", "data.seq_len=32", "data.tokenizer.vocab_size=300"]
+    steps = ["training.steps=4", "training.lr_schedule.warmup_steps=1"]
+    steps += ["training.checkpoint_interval=2", "training.eval_interval=2"]
+    run = subprocess.run(
+        [*cmd, *spec, *steps, *data_overrides(corpus), "tracking.system_metrics=false"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout)
+    assert summary["metrics"]["step"] == 4 and summary["resumed_at"] == []
+    assert "step 4/4" in run.stderr  # progress from rank 0 reaches the terminal
+    uri = tracking_uri(None, tmp_path)
+    mlflow.set_tracking_uri(uri)
+    train_run = mlflow.get_run(summary["mlflow_run_id"])
+    parent_id = train_run.data.tags["mlflow.parentRunId"]
+    children = mlflow.search_runs(
+        experiment_ids=[train_run.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+    )
+    assert sorted(children["tags.attnpipe.stage"]) == ["preprocess", "train"]
+    assert train_run.data.params["training.steps"] == "4"
+    assert train_run.data.tags["attnpipe.attention_pattern"] == "dense"
+    assert (tmp_path / "mlartifacts").is_dir() and not (ROOT / "mlruns").exists()
+
+    out = tmp_path / "exported"
+    export = subprocess.run(
+        [ATTNPIPE, "export", summary["mlflow_run_id"], "--out", str(out), "--tracking-uri", uri],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert export.returncode == 0, export.stderr[-2000:]
+    assert json.loads(export.stdout)["step"] == 4
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
+    assert load_pretrained(out).cfg.family == "decoder"
 
 
 # --------------------------------------------------------------------------- bad input
