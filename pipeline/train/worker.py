@@ -73,9 +73,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     quiet_worker_logs()
     ctx = ray.train.get_context()
-    worker = Worker(
-        WorkerConfig(**config), ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
-    )
+    local_rank = ctx.get_local_rank()
+    if torch.cuda.is_available():  # the GPU Ray Train assigned to this worker
+        from ray.train.torch import get_device
+
+        local_rank = get_device().index or 0
+        torch.cuda.set_device(local_rank)
+    worker = Worker(WorkerConfig(**config), ctx.get_world_rank(), ctx.get_world_size(), local_rank)
     worker.run()
 
 
