@@ -18,7 +18,7 @@ from models.layers import Attention
 STACKS = ("decoder", "encoder", "cross")
 
 
-def _attention_layers(model: nn.Module, stack: str) -> list[Attention]:
+def attention_layers(model: nn.Module, stack: str) -> list[Attention]:
     if stack not in STACKS:
         raise ValueError(f"unknown stack {stack!r}; choose one of {', '.join(STACKS)}")
     owner = getattr(model, "encoder" if stack == "encoder" else "decoder", None)
@@ -35,7 +35,7 @@ def capture_attention(
     model: nn.Module, stack: str, layers: Sequence[int]
 ) -> Iterator[dict[int, Attention]]:
     """Within the block, the chosen layers keep their last attention probabilities."""
-    modules = _attention_layers(model, stack)
+    modules = attention_layers(model, stack)
     chosen = {i: modules[i] for i in layers}
     for m in chosen.values():
         m.capture, m.captured = True, None
@@ -55,7 +55,7 @@ def attention_maps(
     heads: Sequence[int] | None = None,
 ) -> dict[int, Tensor]:
     """{layer: (B, heads, Lq, Lk) probabilities} for `model(**inputs)`; rows sum to 1."""
-    n_layers = len(_attention_layers(model, stack))
+    n_layers = len(attention_layers(model, stack))
     layers = list(range(n_layers)) if layers is None else list(layers)
     for i in layers:
         if not 0 <= i < n_layers:

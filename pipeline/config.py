@@ -190,6 +190,11 @@ class TrackingNode(_Node):
     log_checkpoints: Literal["all", "last", "none"] = "last"
     buffer_size: int = Field(10_000, ge=1)
     system_metrics: bool = True
+    heatmap_layers: list[int] = Field(
+        default_factory=lambda: [0, -1], description="layers drawn at each evaluation (-1: last)"
+    )
+    heatmap_heads: list[int] = Field(default_factory=lambda: [0, 1])
+    heatmap_tokens: int = Field(40, ge=0, le=256, description="snippet length; 0: no heatmaps")
 
 
 class StorageNode(_Node):

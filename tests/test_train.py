@@ -270,6 +270,14 @@ def test_zero2_run_learns_logs_every_metric_and_keeps_complete_checkpoints(refer
     assert kept == ["checkpoint-00000004", "checkpoint-00000008", "checkpoint-00000012"]
     assert all(is_complete(run_dir / k) for k in kept)
     assert Path(result["checkpoint"]).name == "checkpoint-00000012"
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(uri).list_artifacts(result["mlflow_run_id"], "checkpoints")
+    assert [a.path for a in logged] == ["checkpoints/checkpoint-00000012"]  # log_checkpoints: last
+    images = [a.path for a in MlflowClient(uri).list_artifacts(result["mlflow_run_id"], "images")]
+    for layer, head, step in [(0, 0, 6), (1, 1, 12)]:  # heatmaps at every evaluation
+        key = f"attention~decoder-layer{layer}-head{head}+step+{step}+"
+        assert any(key in p and p.endswith(".png") for p in images), (key, images[:4])
     tracking = [e for e in result["events"] if e["event"] == "tracking"]
     assert tracking and tracking[-1]["dropped"] == 0 and tracking[-1]["undelivered"] == 0
 
@@ -321,14 +329,23 @@ def test_a_crash_inside_a_checkpoint_save_resumes_from_the_previous_complete_one
     assert_bitwise_equal(weights(result["checkpoint"]), weights(reference_run["checkpoint"]))
 
 
-def test_zero3_sparse_decoder_learns(data, tmp_path):
+@pytest.mark.parametrize(
+    "zero, pattern, params",
+    [
+        (3, "sliding_window", "{window: 8}"),
+        (3, "dense", "{}"),
+        (2, "bigbird", "{block: 4, window: 3, random: 1}"),
+    ],
+)
+def test_zero2_and_zero3_decoders_learn_dense_and_sparse(data, tmp_path, zero, pattern, params):
+    backend = "sdpa" if pattern == "dense" else "blocksparse"
     result = train(
         tmp_path,
         data,
-        "deepspeed.zero_stage=3",
-        "attention.pattern=sliding_window",
-        "attention.params={window: 8}",
-        "attention.backend=blocksparse",
+        f"deepspeed.zero_stage={zero}",
+        f"attention.pattern={pattern}",
+        f"attention.params={params}",
+        f"attention.backend={backend}",
         "attention.block_size=16",
     )
     from pipeline.tracking import tracking_uri

@@ -181,6 +181,7 @@ def run_train(
         if resumes:
             mlflow.set_tag("attnpipe.resumes", json.dumps([e["step"] for e in resumes]))
         log_dataset(data_dir, manifest["fingerprint"], spec.job.name, "training")
+        log_heatmaps(run_dir)
         if last is not None and spec.tracking.log_checkpoints != "none":
             kept = [last] if spec.tracking.log_checkpoints == "last" else _all(run_dir)
             for folder in kept:
@@ -227,3 +228,22 @@ def log_trained_model(
         tags["attnpipe.val_loss"] = f"{metrics['val/loss']:.6f}"
     name = spec.tracking.register_name or spec.job.name
     return {**log_model(out, name, tags), "name": name, "export_dir": str(out)}
+
+
+def log_heatmaps(run_dir: Path) -> int:
+    """The attention heatmaps the workers drew at each evaluation, as MLflow images with
+    their step (the UI shows them per step): key `attention/<stack>-layer<L>-head<H>`."""
+    import mlflow
+    import numpy as np
+    from PIL import Image
+
+    count = 0
+    for folder in sorted((run_dir / "heatmaps").glob("step-*")):
+        step = int(folder.name.split("-")[1])
+        for png in sorted(folder.glob("*.png")):
+            with Image.open(png) as image:
+                mlflow.log_image(
+                    np.asarray(image.convert("RGB")), key=f"attention/{png.stem}", step=step
+                )
+            count += 1
+    return count

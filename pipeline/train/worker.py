@@ -200,6 +200,7 @@ class Worker:
                     losses, window_start, window_steps = [], time.perf_counter(), 0
                 if step % t.eval_interval == 0 or last:
                     logged.update(self.evaluate())
+                    self.heatmaps(step)
                 if logged:
                     self.log(logged, step)
                 if step % t.checkpoint_interval == 0 or last:
@@ -284,6 +285,44 @@ class Worker:
         loss = float(totals[0] / max(totals[1], 1))
         return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
 
+    @torch.no_grad()
+    def heatmaps(self, step: int) -> None:
+        """Attention maps of the chosen layers and heads on a fixed validation snippet, as
+        PNGs under <run>/heatmaps/step-N/ (the driver logs them to MLflow as images, so a
+        slow tracking server never holds training up). Every rank runs the forward pass,
+        which ZeRO-3 needs; rank 0 draws."""
+        from models.heatmap import attention_heatmaps
+        from models.maps import attention_layers
+
+        track, family = self.spec.tracking, self.spec.model.family
+        if track.heatmap_tokens == 0:
+            return
+        reader = ShardReader(self.cfg.data_dir, "val", shuffle=False, verify=False)
+        row = reader.sample(0)[0]
+        n = track.heatmap_tokens
+        if family == "encoder_decoder":
+            n = min(n, self.manifest["max_source_len"])
+        ids = torch.from_numpy(row[:n].astype("int64"))[None].to(self.device)
+        stack = "decoder" if family == "decoder" else "encoder"
+        if family == "encoder_decoder":
+            bos = self.manifest["special_ids"]["bos"]
+            inputs = {"src_ids": ids, "tgt_ids": torch.full_like(ids[:, :1], bos)}
+        else:
+            inputs = {"input_ids": ids}
+        model = self.engine.module
+        n_layers = len(attention_layers(model, stack))
+        layers = sorted({i % n_layers for i in track.heatmap_layers})
+        heads = [h for h in track.heatmap_heads if h < self.spec.model.n_heads]
+        out = Path(self.cfg.run_dir) / "heatmaps" / f"step-{step:08d}"
+        if self.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            labels = token_labels(Path(self.cfg.data_dir), row[:n].tolist())
+            attention_heatmaps(model, inputs, labels, out, layers, heads, stack)
+        else:  # the same forward pass, for the collectives of a partitioned model
+            from models.maps import attention_maps
+
+            attention_maps(model, inputs, stack, layers, heads)
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.metrics is not None:
             self.metrics.log_metrics(metrics, step=step)
@@ -356,3 +395,11 @@ def _node_id() -> str | None:
     import ray
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def token_labels(data_dir: Path, ids: list[int]) -> list[str]:
+    """Readable labels for token ids: the tokenizer's pieces, byte-level marks undone."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(data_dir / "tokenizer.json"))
+    return [tok.decode([i]).replace("\n", "\\n") or f"<{i}>" for i in ids]
