@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from models.config import PRESETS, AttentionConfig, FieldError, ModelConfig, _Node
 from pipeline.errors import UserError
+from pipeline.presets import deepspeed_presets
 
 JobKind = Literal["preprocess", "train", "evaluate", "retrain", "pipeline"]
 
@@ -99,11 +100,7 @@ class ModelNode(ModelConfig):
     @field_validator("preset")
     @classmethod
     def _known(cls, v: str | None) -> str | None:
-        if v is not None and v not in PRESETS:
-            raise ValueError(
-                f"unknown preset {v!r}{_suggest(v, PRESETS)}; known: {', '.join(PRESETS)}"
-            )
-        return v
+        return _known_preset(v, PRESETS)
 
     def architecture(self) -> ModelConfig:
         """The plain ModelConfig the models package builds from."""
@@ -162,9 +159,18 @@ class TrainingNode(_Node):
 
 
 class DeepSpeedNode(_Node):
+    """ZeRO stage and offload: set directly, or by a named preset (`preset: zero3-offload`,
+    the files in pipeline/presets/deepspeed/, copied in infra/deepspeed/)."""
+
+    preset: str | None = None
     zero_stage: int = Field(0, ge=0, le=3)
     offload_optimizer: bool = False
     offload_params: bool = False
+
+    @field_validator("preset")
+    @classmethod
+    def _known(cls, v: str | None) -> str | None:
+        return _known_preset(v, deepspeed_presets())
 
     @model_validator(mode="after")
     def _offload(self) -> DeepSpeedNode:
@@ -315,7 +321,19 @@ def _check_attention(attn: AttentionConfig, model: ModelConfig, seq_len: int) ->
 
 
 # Nodes that accept `preset: NAME`, and the named diffs they draw from.
-PRESET_NODES: dict[str, dict[str, dict[str, Any]]] = {"model": PRESETS}
+PRESET_NODES: dict[str, dict[str, dict[str, Any]]] = {
+    "model": PRESETS,
+    "deepspeed": deepspeed_presets(),
+}
+
+
+def _known_preset(name: str | None, presets: dict[str, Any]) -> str | None:
+    """A preset node's check: the name is one of its presets (with a close match if not)."""
+    if name is not None and name not in presets:
+        raise ValueError(
+            f"unknown preset {name!r}{_suggest(name, list(presets))}; known: {', '.join(presets)}"
+        )
+    return name
 
 
 # --------------------------------------------------------------------------- loading
