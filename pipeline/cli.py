@@ -99,6 +99,8 @@ def run(spec: SpecArg, overrides: OverridesArg = None, resume_from: ResumeOpt = 
             "samples": {k: v["samples"] for k, v in result["splits"].items()},
             "mlflow_run_id": result["mlflow_run_id"],
         }
+    elif resolved.job.kind == "retrain":
+        summary = result
     else:
         summary = {
             k: result[k] for k in ("mlflow_run_id", "checkpoint", "run_dir", "metrics", "seconds")

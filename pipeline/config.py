@@ -203,6 +203,16 @@ class TrackingNode(_Node):
     heatmap_tokens: int = Field(40, ge=0, le=256, description="snippet length; 0: no heatmaps")
 
 
+class RetrainNode(_Node):
+    """`kind: retrain`: how a challenger is trained and when it replaces the champion."""
+
+    warm_start: bool = Field(True, description="start from the champion's weights")
+    margin: float = Field(
+        0.0, ge=0.0, description="fraction of the champion's held-out loss to beat it by"
+    )
+    eval_batches: int = Field(20, ge=1)
+
+
 class StorageNode(_Node):
     work_dir: str = Field("attnpipe-work", min_length=1)  # a local folder or s3:// / gs:// URI
 
@@ -247,6 +257,7 @@ class JobSpec(_Node):
     tracking: TrackingNode = Field(default_factory=TrackingNode)
     storage: StorageNode = Field(default_factory=StorageNode)
     schedule: ScheduleNode = Field(default_factory=ScheduleNode)
+    retrain: RetrainNode = Field(default_factory=RetrainNode)
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:

@@ -10,7 +10,7 @@ from pipeline.config import JobSpec
 from pipeline.errors import UserError
 from pipeline.tracking import log_preprocess, tracking_uri, use_experiment
 
-RUNNABLE = ("preprocess", "train", "pipeline")
+RUNNABLE = ("preprocess", "train", "pipeline", "retrain")
 
 
 def progress_printer() -> Any:
@@ -123,6 +123,10 @@ def _train_or_pipeline(
 
     uri = tracking_uri(spec.tracking.uri, spec.storage.work_dir)
     preflight(spec, resume_from, uri)  # before any preprocessing
+    if spec.job.kind == "retrain":
+        from pipeline.retrain import run_retrain
+
+        return run_retrain(spec, show, uri)
     if spec.job.kind == "train":
         run_preprocess(spec, show, log_cached=False)  # a cache hit once the shards exist
         return run_train(

@@ -96,6 +96,7 @@ def test_every_component_gets_only_its_own_node():
         "tracking",
         "storage",
         "schedule",
+        "retrain",
     }
 
 

@@ -97,6 +97,7 @@ def run_train(
     progress: Callable[[str], None] = print,
     faults: dict[str, Any] | None = None,
     nested: bool = False,
+    init_from: str | None = None,
 ) -> dict[str, Any]:
     """Train `spec` on the preprocessed data in `data_dir`, logging to MLflow at `uri`.
     Returns the final metrics, the checkpoint folder, the MLflow run id and the events."""
@@ -132,6 +133,8 @@ def run_train(
         tags["attnpipe.ray_submission_id"] = submission
     if resume is not None:
         tags["attnpipe.resumed_from"] = str(resume)
+    if init_from is not None:
+        tags["attnpipe.init_from"] = str(init_from)
     with mlflow.start_run(
         run_name=spec.job.name,
         nested=nested,
@@ -148,6 +151,7 @@ def run_train(
             mlflow_run_id=run.info.run_id,
             resume_from=str(resume) if resume else None,
             faults=faults or {},
+            init_from=init_from,
         )
         use_gpu = r.gpus_per_worker > 0
         trainer = TorchTrainer(

@@ -57,6 +57,7 @@ class WorkerConfig:
     mlflow_run_id: str | None = None
     resume_from: str | None = None  # a complete checkpoint folder
     faults: dict[str, Any] = field(default_factory=dict)  # fault injection, for tests only
+    init_from: str | None = None  # an exported model whose weights a fresh run starts from
 
 
 def quiet_worker_logs() -> None:
@@ -109,6 +110,8 @@ class Worker:
         spec, t = self.spec, self.spec.training
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         model = build_model(spec.model.architecture(), spec.attention)
+        if self.cfg.init_from:  # warm start; a resume then overrides it
+            model.load_state_dict(_exported_weights(self.cfg.init_from))
         set_activation_checkpointing(model, t.activation_checkpointing)
         self.spans = span_modules(model)
         decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -403,3 +406,11 @@ def token_labels(data_dir: Path, ids: list[int]) -> list[str]:
 
     tok = Tokenizer.from_file(str(data_dir / "tokenizer.json"))
     return [tok.decode([i]).replace("\n", "\\n") or f"<{i}>" for i in ids]
+
+
+def _exported_weights(folder: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from models.pretrained import WEIGHTS
+
+    return load_file(str(Path(folder) / WEIGHTS))

@@ -1,0 +1,108 @@
+"""`kind: retrain`: the recurring job that keeps a registered model current.
+
+1. preprocess (a cache hit when the sources did not change);
+2. if the data's fingerprint is the one the current champion was trained on, stop and
+   record why (there is nothing new to learn from);
+3. train a challenger, warm-started from the champion's weights or from scratch;
+4. evaluate the challenger and the champion on the same held-out samples;
+5. move the `champion` alias only if the challenger is better by `retrain.margin`, else
+   give it `challenger`; the decision and both scores go on the model version as tags.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import JobSpec
+from pipeline.errors import UserError
+
+
+def champion_model_dir(name: str, uri: str, dest: Path) -> Path:
+    """The champion's exported folder (model.safetensors, config.json, tokenizer.json),
+    downloaded from the registry."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    local = Path(
+        mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=str(dest))
+    )
+    configs = sorted(local.rglob("config.json"))
+    if not configs:
+        raise UserError(f"tracking.register_name: {name}@champion holds no attnpipe model")
+    return configs[0].parent
+
+
+def run_retrain(spec: JobSpec, show: Any, uri: str) -> dict[str, Any]:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.evaluate import evaluate_model
+    from pipeline.run import data_dir, run_preprocess
+    from pipeline.tracking import use_experiment
+    from pipeline.tracking.registry import as_dict, champion, promote
+    from pipeline.train.driver import run_train
+
+    r = spec.retrain
+    name = spec.tracking.register_name or spec.job.name
+    client = MlflowClient(uri)
+    use_experiment(uri, spec.tracking.experiment, spec.storage.work_dir)
+    with mlflow.start_run(run_name=spec.job.name, tags={"attnpipe.stage": "retrain"}) as parent:
+        prep = run_preprocess(spec, show, nested=True)
+        current = champion(client, name) if _registered(client, name) else None
+        out: dict[str, Any] = {"parent_run_id": parent.info.run_id, "registered_model": name}
+        if (
+            current is not None
+            and current.tags.get("attnpipe.data_fingerprint") == prep["fingerprint"]
+        ):
+            reason = f"data unchanged since champion version {current.version} was trained"
+            mlflow.set_tags({"attnpipe.decision": "skipped", "attnpipe.decision_reason": reason})
+            show(f"retrain skipped: {reason}")
+            return {**out, "decision": "skipped", "reason": reason}
+        work = Path(spec.storage.work_dir) / "retrain" / parent.info.run_id
+        champion_dir = champion_model_dir(name, uri, work) if current is not None else None
+        init = str(champion_dir) if champion_dir is not None and r.warm_start else None
+        show(
+            f"training a challenger ({'warm start from the champion' if init else 'from scratch'})"
+        )
+        result = run_train(spec, data_dir(spec), uri, progress=show, nested=True, init_from=init)
+        if result.get("model") is None:
+            raise UserError("the challenger left no checkpoint to evaluate")
+        evaluate = dict(data_dir=data_dir(spec), batches=r.eval_batches, seed=spec.training.seed)
+        score = evaluate_model(result["model"]["export_dir"], **evaluate)
+        champion_score = evaluate_model(champion_dir, **evaluate) if champion_dir else None
+        decision = promote(
+            client,
+            name,
+            str(result["model"]["version"]),
+            "val_loss",
+            score["loss"],
+            champion_score["loss"] if champion_score else None,
+            margin=r.margin,
+        )
+        mlflow.log_metric("challenger/val_loss", score["loss"], step=0)
+        if champion_score:
+            mlflow.log_metric("champion/val_loss", champion_score["loss"], step=0)
+        mlflow.set_tags(
+            {
+                "attnpipe.decision": "promoted" if decision.promoted else "not promoted",
+                "attnpipe.decision_reason": decision.reason,
+            }
+        )
+        show(f"challenger version {decision.version}: {decision.reason}")
+        return {
+            **out,
+            "decision": "promoted" if decision.promoted else "not promoted",
+            "promotion": as_dict(decision),
+            "train": {k: result[k] for k in ("mlflow_run_id", "checkpoint", "metrics")},
+        }
+
+
+def _registered(client: Any, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        return False
+    return True

@@ -1,0 +1,74 @@
+"""`kind: retrain` against an embedded Ray and a local MLflow registry: the first model
+becomes champion, unchanged data is skipped, a better challenger is promoted and a worse
+one is not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from corpus import write_corpus
+from test_train import tiny_spec
+
+from pipeline.tracking import tracking_uri
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from pipeline.run import start_local_ray
+
+    start_local_ray(2)
+    yield
+    ray.shutdown()
+
+
+def retrain(work: Path, corpus: str, *overrides: str) -> dict:
+    from pipeline.run import run_job
+
+    spec = tiny_spec(
+        work,
+        "job.kind=retrain",
+        "job.name=nightly",
+        "data.sources.0.kind=files",
+        f"data.sources.0.path={corpus}",
+        "data.min_chars=5",
+        "tracking.heatmap_tokens=0",
+        "retrain.margin=0.01",
+        "data.val_fraction=0.2",
+        *overrides,
+    )
+    return run_job(spec)
+
+
+def test_champion_challenger_rounds(ray_cluster, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    work = tmp_path / "work"
+    first = write_corpus(tmp_path / "a", n=60)
+    r1 = retrain(work, first)
+    assert r1["decision"] == "promoted" and r1["promotion"]["reason"] == "no champion yet"
+
+    r2 = retrain(work, first)  # the same data: nothing to learn
+    assert r2["decision"] == "skipped" and "data unchanged" in r2["reason"]
+
+    more = write_corpus(tmp_path / "b", n=90)  # new data; warm start and longer training
+    r3 = retrain(work, more, "training.steps=24")
+    assert r3["decision"] == "promoted", r3["promotion"]
+    assert r3["promotion"]["value"] < r3["promotion"]["champion_value"]
+
+    again = write_corpus(tmp_path / "c", n=100)  # new data, but a challenger barely trained
+    r4 = retrain(work, again, "retrain.warm_start=false", "training.steps=2",
+                 "training.lr_schedule.warmup_steps=1", "training.optimizer.lr=1e-5")  # fmt: skip
+    assert r4["decision"] == "not promoted", r4["promotion"]
+
+    client = MlflowClient(tracking_uri(None, work))
+    champion = client.get_model_version_by_alias("nightly", "champion")
+    challenger = client.get_model_version_by_alias("nightly", "challenger")
+    assert str(champion.version) == r3["promotion"]["version"]
+    assert str(challenger.version) == r4["promotion"]["version"]
+    tags = client.get_model_version("nightly", r4["promotion"]["version"]).tags
+    assert tags["attnpipe.decision"] == "not promoted"
+    assert tags["attnpipe.compared_with_version"] == r3["promotion"]["version"]
+    assert "attnpipe.compared_with.val_loss" in tags and "attnpipe.eval.val_loss" in tags
