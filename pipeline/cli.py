@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -166,6 +168,39 @@ def export_model(
     except UserError as exc:
         fail(str(exc))
     typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
+def ui(
+    work_dir: Annotated[
+        Path, typer.Option("--work-dir", help="The jobs' storage.work_dir.")
+    ] = Path("attnpipe-work"),
+    port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1.")] = 5000,
+) -> None:
+    """Serve the local MLflow store of a work directory on 127.0.0.1 (Ctrl-C stops it)."""
+    from pipeline.tracking import tracking_uri
+    from pipeline.tracking.server import MlflowServer
+
+    if not (work_dir / "mlflow.db").exists():
+        fail(f"--work-dir {work_dir}: no MLflow store (mlflow.db) there yet; run a job first")
+    server = MlflowServer(
+        work_dir / "ui",
+        store_uri=tracking_uri(None, work_dir),
+        port=port,
+        artifacts=work_dir / "mlartifacts",
+    )
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill PID` stops it cleanly
+    try:
+        server.start()
+        typer.echo(f"MLflow UI: {server.uri}  (serving {work_dir}; Ctrl-C stops it)", err=True)
+        while server.proc is not None and server.proc.poll() is None:
+            time.sleep(0.5)
+    except RuntimeError as exc:
+        fail(f"mlflow server on 127.0.0.1:{port} did not start: {str(exc).splitlines()[-1]}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
 
 
 @app.command("models")
