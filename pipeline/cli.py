@@ -18,6 +18,7 @@ import typer
 
 from pipeline.config import JobSpec, load_spec, resolved_yaml
 from pipeline.errors import UserError
+from pipeline.jobs.submit import Cluster
 
 app = typer.Typer(
     name="attnpipe",
@@ -252,6 +253,229 @@ def list_models(
             f"{flops:.3e}",
         )
     Console(width=160).print(table)
+
+
+# --------------------------------------------------------------------------- Ray jobs
+
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address", help="The cluster's dashboard, http://HOST:8265 (default: $RAY_ADDRESS)."
+    ),
+]
+ImageOpt = Annotated[
+    str | None,
+    typer.Option("--image", help="Run in this container image (attnpipe installed in it)."),
+]
+PipOpt = Annotated[
+    list[str] | None,
+    typer.Option("--pip", help="A package the job needs beyond the cluster's (repeatable)."),
+]
+EntrypointCpusOpt = Annotated[
+    float,
+    typer.Option(
+        "--entrypoint-cpus", min=0, help="CPUs the driver reserves (0: all for the workers)."
+    ),
+]
+SubmissionArg = Annotated[str, typer.Argument(help="The job's submission id.")]
+StateDirOpt = Annotated[
+    Path,
+    typer.Option(
+        "--state-dir", envvar="ATTNPIPE_SCHEDULER_DIR", help="The scheduler's state folder."
+    ),
+]
+DEFAULT_STATE = Path("attnpipe-work/scheduler")
+
+
+def cluster(address: str | None = None) -> Cluster:
+    try:
+        return Cluster(address)
+    except UserError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def submit(
+    spec: SpecArg,
+    overrides: OverridesArg = None,
+    address: AddressOpt = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the logs until it ends.")] = False,
+    image: ImageOpt = None,
+    pip: PipOpt = None,
+    entrypoint_cpus: EntrypointCpusOpt = 0.0,
+) -> None:
+    """Submit a job spec to a Ray cluster, to run there with `attnpipe run`.
+
+    Prints the submission id and the MLflow link; --wait follows the logs until it ends."""
+    from datetime import datetime, timezone
+
+    from pipeline.jobs import submit as jobs
+
+    resolved = load(spec, overrides)
+    try:
+        jobs.check_runnable(resolved)
+        sid = jobs.submission_id(resolved.job.name, datetime.now(timezone.utc))
+        ray = cluster(address)
+        jobs.submit_spec(
+            resolved, ray, sid, image=image, pip=pip or (), entrypoint_cpus=entrypoint_cpus
+        )
+    except UserError as exc:
+        fail(str(exc))
+    for note in jobs.cluster_notes(resolved):
+        typer.echo(f"attnpipe: note: {note}", err=True)
+    typer.echo(f"submission_id: {sid}")
+    t = resolved.tracking
+    if not wait:
+        link = jobs.mlflow_link(t.uri, t.experiment)
+        typer.echo(f"mlflow: {link['url'] if link else t.uri or 'sqlite under storage.work_dir'}")
+        return
+    try:
+        details = jobs.follow(ray, sid, lambda text: typer.echo(text, err=True, nl=False))
+    except KeyboardInterrupt:
+        typer.echo(f"attnpipe: {sid} goes on; attnpipe logs {sid} --follow", err=True)
+        raise typer.Exit(130) from None
+    link = jobs.mlflow_link(t.uri, t.experiment, sid)
+    if link:
+        typer.echo(f"mlflow: {link['url']}")
+    status = jobs.status_of(details)
+    typer.echo(f"status: {status}")
+    if status != "SUCCEEDED":
+        typer.echo(f"attnpipe: job {sid} {status}: {details.message}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(submission: SubmissionArg, address: AddressOpt = None) -> None:
+    """A submitted job's state, times and MLflow link."""
+    from pipeline.jobs.submit import describe
+
+    try:
+        typer.echo("\n".join(describe(cluster(address).info(submission))))
+    except UserError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def logs(
+    submission: SubmissionArg,
+    address: AddressOpt = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Until the job ends.")] = False,
+) -> None:
+    """A submitted job's output (its driver's stdout and stderr)."""
+    from pipeline.jobs.submit import follow as follow_logs
+
+    ray = cluster(address)
+    try:
+        if follow:
+            follow_logs(ray, submission, lambda text: typer.echo(text, nl=False))
+        else:
+            typer.echo(ray.logs(submission), nl=False)
+    except UserError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def stop(submission: SubmissionArg, address: AddressOpt = None) -> None:
+    """Stop a submitted job."""
+    from pipeline.jobs.submit import status_of
+
+    ray = cluster(address)
+    try:
+        stopped = ray.stop(submission)
+        state = status_of(ray.info(submission))
+    except UserError as exc:
+        fail(str(exc))
+    typer.echo(f"{submission}: {'stop requested' if stopped else 'not running'} ({state})")
+
+
+@app.command("list")
+def list_jobs(address: AddressOpt = None) -> None:
+    """The jobs submitted to the cluster, oldest first."""
+    from pipeline.jobs.submit import table
+
+    try:
+        typer.echo("\n".join(table(cluster(address).jobs())))
+    except UserError as exc:
+        fail(str(exc))
+
+
+schedule_app = typer.Typer(
+    help="Recurring jobs: a spec's `schedule` node (cron, timezone), fired by `attnpipe "
+    "scheduler`.",
+    no_args_is_help=True,
+)
+app.add_typer(schedule_app, name="schedule")
+
+
+@schedule_app.command("add")
+def schedule_add(
+    spec: SpecArg,
+    overrides: OverridesArg = None,
+    name: Annotated[str | None, typer.Option(help="Default: job.name.")] = None,
+    address: AddressOpt = None,
+    image: ImageOpt = None,
+    pip: PipOpt = None,
+    entrypoint_cpus: EntrypointCpusOpt = 0.0,
+    replace: Annotated[bool, typer.Option("--replace", help="Replace a schedule.")] = False,
+    state_dir: StateDirOpt = DEFAULT_STATE,
+) -> None:
+    """Schedule a job spec by its schedule.cron (5 fields, or 6 with seconds first)."""
+    from pipeline.jobs.scheduler import add_schedule, slot_text
+
+    resolved = load(spec, overrides)
+    try:
+        added = add_schedule(
+            resolved, str(spec), state_dir, name=name, address=address, image=image,
+            pip=pip or (), entrypoint_cpus=entrypoint_cpus, replace=replace,
+        )  # fmt: skip
+    except UserError as exc:
+        fail(str(exc))
+    slot = added.next_slot()
+    typer.echo(
+        f"schedule {added.name}: '{added.cron}' {added.timezone}, next slot "
+        f"{slot_text(slot) if slot else 'none'}, to {added.address or '$RAY_ADDRESS'}; "
+        f"`attnpipe scheduler --state-dir {state_dir}` fires it"
+    )
+
+
+@schedule_app.command("list")
+def schedule_list(state_dir: StateDirOpt = DEFAULT_STATE) -> None:
+    """The schedules, their next slots and last firings."""
+    from pipeline.jobs.scheduler import Store, schedule_table
+
+    try:
+        typer.echo("\n".join(schedule_table(Store(state_dir))))
+    except UserError as exc:
+        fail(str(exc))
+
+
+@schedule_app.command("remove")
+def schedule_remove(name: str, state_dir: StateDirOpt = DEFAULT_STATE) -> None:
+    """Remove a schedule; a running scheduler drops it within its poll interval."""
+    from pipeline.jobs.scheduler import Store
+
+    try:
+        Store(state_dir).remove(name)
+    except UserError as exc:
+        fail(str(exc))
+    typer.echo(f"schedule {name}: removed")
+
+
+@app.command()
+def scheduler(
+    state_dir: StateDirOpt = DEFAULT_STATE,
+    misfire_grace: Annotated[
+        int, typer.Option(min=1, help="Seconds a late slot still fires (a restart, a pause).")
+    ] = 600,
+    poll: Annotated[float, typer.Option(min=0.1, help="Seconds between schedule reads.")] = 5.0,
+) -> None:
+    """The one scheduling process: submits every schedule's slots until stopped."""
+    from pipeline.jobs.scheduler import run_scheduler
+
+    try:
+        run_scheduler(state_dir, misfire_grace_s=misfire_grace, poll_s=poll)
+    except UserError as exc:
+        fail(str(exc))
 
 
 def main() -> None:

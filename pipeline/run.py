@@ -30,11 +30,18 @@ def start_local_ray(num_cpus: int | None = None, log_to_driver: bool = False) ->
     """An embedded Ray in this process, unless it is already connected to one. The
     dashboard (Ray Train's controller queries its state API) binds 127.0.0.1 on a free
     port. Ray resolves a loopback node address to the machine's own address, so its
-    internal ports follow Ray's defaults (token authentication is on by default in 2.60)."""
+    internal ports follow Ray's defaults (token authentication is on by default in 2.60).
+    With RAY_ADDRESS set (the driver of a Ray job sees its cluster's address there) it
+    connects to that cluster instead."""
+    import os
+
     import ray
 
     if ray.is_initialized():
         return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=log_to_driver)  # connecting: Ray forbids the start arguments
+        return True
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=True,

@@ -1,0 +1,334 @@
+"""Submitting and scheduling jobs, end to end against real processes on 127.0.0.1: a Ray
+head started with `ray start` (its dashboard serves the Jobs API, token authentication on)
+and an `mlflow server`, one of each for the module."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from corpus import write_corpus
+from mlflow_server import MlflowServer, free_port, wait_for
+from ray_head import RayHead
+
+ROOT = Path(__file__).resolve().parent.parent
+ATTNPIPE = str(Path(sys.executable).parent / "attnpipe")
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    head = RayHead(num_cpus=2)
+    head.start()
+    try:
+        yield head
+    finally:
+        head.stop()
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    server.start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, mlflow_uri) -> list[str]:
+    """Overrides that make jobs/decoder-tiny.yaml a few-second job on a small corpus."""
+    work = tmp_path_factory.mktemp("work")
+    glob = write_corpus(tmp_path_factory.mktemp("corpus"))
+    return [
+        f"storage.work_dir={work}",
+        f"tracking.uri={mlflow_uri}",
+        "tracking.system_metrics=false",
+        "data.sources.0.kind=files",
+        f"data.sources.0.path={glob}",
+        "data.min_chars=5",
+        "data.seq_len=32",
+        "data.tokenizer.vocab_size=300",
+        "training.steps=4",
+        "training.lr_schedule.warmup_steps=1",
+        "training.checkpoint_interval=2",
+        "training.eval_interval=2",
+    ]
+
+
+def attnpipe(*args: str, env: dict[str, str] | None = None, timeout: float = 120):
+    return subprocess.run(
+        [ATTNPIPE, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout
+    )
+
+
+def one_error_line(result: subprocess.CompletedProcess[str], *expected: str) -> str:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("attnpipe: error:")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def fields(stdout: str) -> dict[str, str]:
+    return dict(line.split(": ", 1) for line in stdout.splitlines() if ": " in line)
+
+
+@pytest.fixture
+def cluster(ray_head, monkeypatch):
+    """The Jobs API of the test cluster, from this process."""
+    from pipeline.jobs.submit import Cluster
+
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.setenv(key, ray_head.env()[key])
+    return Cluster()
+
+
+# --------------------------------------------------------------------------- submit
+
+
+@pytest.fixture(scope="module")
+def submitted(ray_head, tiny):
+    """`attnpipe submit jobs/decoder-tiny.yaml --wait`: trained on the cluster."""
+    result = attnpipe(
+        "submit", "jobs/decoder-tiny.yaml", *tiny, "--wait", env=ray_head.env(), timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return fields(result.stdout), result
+
+
+def test_submit_wait_trains_on_the_cluster_and_mlflow_holds_run_metrics_and_model(
+    submitted, mlflow_uri
+):
+    from mlflow.tracking import MlflowClient
+
+    out, result = submitted
+    sid = out["submission_id"]
+    assert sid.startswith("decoder-tiny-") and sid.endswith("Z") and out["status"] == "SUCCEEDED"
+    assert "step 4/4" in result.stderr  # the job's logs, followed
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("attnpipe-examples")
+    runs = client.search_runs(
+        [experiment.experiment_id], f"tags.`attnpipe.ray_submission_id` = '{sid}'"
+    )
+    assert len(runs) == 1
+    run = runs[0]
+    assert (
+        out["mlflow"]
+        == f"{mlflow_uri}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}"
+    )
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in losses][-1] == 4
+    assert "val/loss" in run.data.metrics
+    versions = client.search_model_versions("name = 'decoder-tiny'")
+    assert [v.run_id for v in versions] == [run.info.run_id]
+
+
+def test_status_logs_and_list_against_the_cluster(submitted, ray_head, mlflow_uri):
+    out, _ = submitted
+    sid = out["submission_id"]
+    status = attnpipe("status", sid, env=ray_head.env())
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.startswith(f"{sid}: SUCCEEDED")
+    assert f"mlflow:     {out['mlflow']}" in status.stdout
+    logs = attnpipe("logs", sid, env=ray_head.env())
+    assert logs.returncode == 0 and "step 4/4" in logs.stdout
+    summary = json.loads(logs.stdout[logs.stdout.rindex("\n{") :].split("\n}")[0] + "\n}")
+    assert summary["metrics"]["step"] == 4
+    listed = attnpipe("list", env=ray_head.env())
+    assert listed.returncode == 0
+    row = next(line for line in listed.stdout.splitlines() if line.startswith(sid))
+    assert row.split()[1] == "SUCCEEDED" and row.split()[-1] == "decoder-tiny"
+
+
+def test_stop_a_running_job(submitted, ray_head, tiny, cluster):
+    env = ray_head.env()
+    result = attnpipe("submit", "jobs/decoder-tiny.yaml", *tiny, "training.steps=100000",
+                      "job.name=long-run", env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    sid = fields(result.stdout)["submission_id"]
+    stopped = attnpipe("stop", sid, env=env)
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout.startswith(f"{sid}: stop requested")
+    wait_for(lambda: cluster.info(sid).status.value == "STOPPED", "the job to stop", timeout=60)
+    again = attnpipe("stop", sid, env=env)
+    assert again.returncode == 0 and again.stdout.strip() == f"{sid}: not running (STOPPED)"
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_unknown_submission_id_is_one_line(ray_head):
+    for command in ("status", "stop"):
+        result = attnpipe(command, "no-such-job", env=ray_head.env())
+        one_error_line(result, "no job with submission id 'no-such-job'", ray_head.address)
+
+
+def test_a_spec_asking_for_more_gpus_than_the_cluster_has_is_one_line(ray_head, tiny, cluster):
+    before = len(cluster.jobs())
+    result = attnpipe(
+        "submit", "jobs/decoder-tiny.yaml", *tiny, "resources.gpus_per_worker=1",
+        env=ray_head.env(),
+    )  # fmt: skip
+    one_error_line(
+        result, "resources.gpus_per_worker: 2 workers x 1 GPU = 2 GPUs requested", "has 0"
+    )
+    assert len(cluster.jobs()) == before  # nothing submitted
+
+
+def test_a_cluster_with_token_auth_wants_the_token(ray_head):
+    env = {k: v for k, v in ray_head.env().items() if k != "RAY_AUTH_TOKEN_PATH"}
+    one_error_line(attnpipe("list", env=env), "requires an auth token", "RAY_AUTH_TOKEN")
+
+
+def test_an_unreachable_address_is_one_line_within_10_seconds(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    started = time.monotonic()
+    refused = attnpipe("list", "--address", f"http://127.0.0.1:{free_port()}", env=env)
+    one_error_line(refused, "cannot reach the Ray dashboard", "ray start --head")
+    assert time.monotonic() - started < 10
+    with socket.socket() as silent:  # accepts connections and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        started = time.monotonic()
+        hung = attnpipe(
+            "submit", "jobs/decoder-tiny.yaml", f"storage.work_dir={tmp_path}",
+            "--address", f"127.0.0.1:{silent.getsockname()[1]}", env=env,
+        )  # fmt: skip
+        one_error_line(hung, "cannot reach the Ray dashboard", "timed out")
+        assert time.monotonic() - started < 10
+    missing = attnpipe("list", env=env)
+    one_error_line(missing, "no Ray cluster address", "RAY_ADDRESS", "ray start --head")
+
+
+def test_bad_specs_fail_before_the_cluster_is_contacted(tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": f"http://127.0.0.1:{free_port()}"}  # nothing there
+    cron = attnpipe(
+        "schedule", "add", "jobs/decoder-tiny.yaml", "schedule.cron=61 * * * *",
+        "--state-dir", str(tmp_path), env=env,
+    )  # fmt: skip
+    one_error_line(cron, "schedule.cron: invalid cron expression '61 * * * *'")
+    kind = attnpipe("submit", "jobs/decoder-tiny.yaml", "job.kind=evaluate", env=env)
+    one_error_line(kind, "job.kind: 'evaluate' jobs cannot be run yet")
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def test_cron_weekdays_mean_what_they_mean_to_cron():
+    from pipeline.config import cron_trigger
+
+    monday = datetime(2026, 11, 23, tzinfo=timezone.utc)
+    assert cron_trigger("0 3 * * 0").get_next_fire_time(None, monday).strftime("%a") == "Sun"
+    weekdays = cron_trigger("0 3 * * 1-5")
+    fires, at = [], monday
+    for _ in range(6):
+        at = weekdays.get_next_fire_time(None, at + timedelta(seconds=1))
+        fires.append(at.strftime("%a"))
+    assert fires == ["Mon", "Tue", "Wed", "Thu", "Fri", "Mon"]
+    seconds = cron_trigger("*/20 * * * * *").get_next_fire_time(None, monday)
+    assert seconds == monday  # six fields: seconds first
+
+
+def scheduler(state: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [ATTNPIPE, "scheduler", "--state-dir", str(state), "--poll", "0.5"],
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True,
+        )  # fmt: skip
+
+
+def firings(state: Path) -> list[dict[str, str]]:
+    from pipeline.jobs.scheduler import Store
+
+    return Store(state).firings()
+
+
+def succeeded(cluster, sid: str) -> bool:
+    status = str(cluster.info(sid).status.value)
+    assert status in ("PENDING", "RUNNING", "SUCCEEDED"), cluster.logs(sid)[-3000:]
+    return status == "SUCCEEDED"
+
+
+def test_the_scheduler_fires_each_slot_once_across_a_restart(
+    submitted, ray_head, tiny, tmp_path, cluster
+):
+    """A seconds-resolution schedule of a preprocessing job (a cache hit: the submitted job
+    wrote those shards). The scheduler is killed after a slot and restarted once the next
+    slot has passed: that slot is submitted, once; no slot ever twice."""
+    from pipeline.jobs.scheduler import Store, fire_schedule
+
+    env, state = ray_head.env(), tmp_path / "state"
+    first = scheduler(state, env, tmp_path / "first.log")
+    try:
+        time.sleep(3)  # running on an empty state: a schedule added now is picked up
+        second = scheduler(state, env, tmp_path / "second.log")
+        assert second.wait(timeout=60) == 2
+        assert "another scheduler is already running" in (tmp_path / "second.log").read_text()
+        added = attnpipe(
+            "schedule", "add", "jobs/decoder-tiny.yaml", *tiny, "job.kind=preprocess",
+            "schedule.cron=*/10 * * * * *", "--name", "nightly", "--state-dir", str(state),
+            env=env,
+        )  # fmt: skip
+        assert added.returncode == 0, added.stderr
+        wait_for(lambda: bool(firings(state)), "a first firing", timeout=60)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # a crash: the lock goes with the process
+        first.wait()
+    (fired,) = firings(state)
+    assert fired["outcome"] == "submitted", fired
+    wait_for(lambda: succeeded(cluster, fired["submission_id"]), "the first job", timeout=180)
+    due = datetime.strptime(fired["slot"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    while datetime.now(timezone.utc) < due + timedelta(seconds=11):  # the next slot passes
+        time.sleep(0.5)
+
+    restarted = scheduler(state, env, tmp_path / "restarted.log")
+    try:
+        wait_for(lambda: len(firings(state)) >= 2, "the missed slot", timeout=60)
+        listed = attnpipe("schedule", "list", "--state-dir", str(state), env=env)
+        assert listed.returncode == 0 and "*/10 * * * * *" in listed.stdout, listed.stderr
+        saved = Store(state).get("nightly")
+        removed = attnpipe("schedule", "remove", "nightly", "--state-dir", str(state), env=env)
+        assert removed.returncode == 0, removed.stderr
+        wait_for(lambda: "nightly: removed" in (state / "scheduler.log").read_text(),
+                 "the running scheduler to drop the schedule", timeout=30)  # fmt: skip
+    finally:
+        restarted.send_signal(signal.SIGTERM)
+        assert restarted.wait(timeout=60) == 0
+    history = firings(state)
+    after = history[1]
+    assert after["outcome"] == "submitted" and after["slot"] > fired["slot"], history
+    assert len({f["slot"] for f in history}) == len(history)  # no slot twice
+    jobs = [j for j in cluster.jobs() if (j.metadata or {}).get("attnpipe.schedule") == "nightly"]
+    submitted_ids = [f["submission_id"] for f in history if f["outcome"] == "submitted"]
+    assert sorted(j.submission_id for j in jobs) == sorted(submitted_ids)
+
+    # The first slot again (a scheduler that died between submitting and saving its next
+    # slot): Ray holds that submission id, so nothing runs twice.
+    Store(state).put(saved)
+    assert fire_schedule(str(state), "nightly", saved.version, due) == "already submitted"
+    assert [j.submission_id for j in cluster.jobs()].count(fired["submission_id"]) == 1
+
+    # A slot whose previous run is still going is skipped, and the skip recorded.
+    busy = cluster.client.submit_job(
+        entrypoint="sleep 60", metadata={"attnpipe.schedule": "nightly"}
+    )
+    try:
+        later = due + timedelta(hours=1)
+        assert fire_schedule(str(state), "nightly", saved.version, later) == "skipped"
+        assert firings(state)[-1]["detail"] == f"{busy} is still running"
+        assert not cluster.exists(f"nightly-{later:%Y%m%dT%H%M%SZ}")
+    finally:
+        cluster.client.stop_job(busy)
