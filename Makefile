@@ -10,7 +10,7 @@ STAMP := $(VENV)/.attnpipe-installed
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint format clean
+.PHONY: setup test demo lint format clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,11 @@ $(STAMP): pyproject.toml Makefile
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The main job end to end on embedded defaults: local Ray, a local MLflow store in
+# attnpipe-work/, the bundled demo corpus. `.venv/bin/attnpipe ui` then shows it.
+demo: setup
+	$(VENV)/bin/attnpipe run jobs/demo.yaml
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -102,7 +102,7 @@ def run(spec: SpecArg, overrides: OverridesArg = None, resume_from: ResumeOpt = 
             "samples": {k: v["samples"] for k, v in result["splits"].items()},
             "mlflow_run_id": result["mlflow_run_id"],
         }
-    elif resolved.job.kind == "retrain":
+    elif resolved.job.kind in ("retrain", "compare"):
         summary = result
     else:
         summary = {

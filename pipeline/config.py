@@ -24,7 +24,7 @@ from models.config import PRESETS, AttentionConfig, FieldError, ModelConfig, _No
 from pipeline.errors import UserError
 from pipeline.presets import deepspeed_presets
 
-JobKind = Literal["preprocess", "train", "evaluate", "retrain", "pipeline"]
+JobKind = Literal["preprocess", "train", "evaluate", "retrain", "pipeline", "compare"]
 
 
 class SpecError(UserError):
@@ -213,6 +213,20 @@ class RetrainNode(_Node):
     eval_batches: int = Field(20, ge=1)
 
 
+class CompareNode(_Node):
+    """`kind: compare`: named variants, each a tree of overrides on this spec (for example
+    `{attention: {pattern: bigbird, backend: blocksparse}}`), trained on the same data."""
+
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _no_data(self) -> CompareNode:
+        for name, tree in self.variants.items():
+            if "data" in tree or "job" in tree:
+                raise FieldError(f"variants.{name}", "variants share the job's data and job nodes")
+        return self
+
+
 class StorageNode(_Node):
     work_dir: str = Field("attnpipe-work", min_length=1)  # a local folder or s3:// / gs:// URI
 
@@ -303,6 +317,7 @@ class JobSpec(_Node):
     storage: StorageNode = Field(default_factory=StorageNode)
     schedule: ScheduleNode = Field(default_factory=ScheduleNode)
     retrain: RetrainNode = Field(default_factory=RetrainNode)
+    compare: CompareNode = Field(default_factory=CompareNode)
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
@@ -337,6 +352,12 @@ class JobSpec(_Node):
                 f"{vocab} exceeds model.vocab_size={m.vocab_size}",
             )
         _check_attention(self.attention, m, self.data.seq_len)
+        if self.job.kind == "compare":
+            if len(self.compare.variants) < 2:
+                raise FieldError("compare.variants", "a compare job needs at least two variants")
+            from pipeline.compare import variant_specs
+
+            variant_specs(self)  # each variant must be a valid job
         return self
 
     @property

@@ -14,8 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import JobSpec
+from pipeline.config import JobSpec, RetrainNode
 from pipeline.errors import UserError
+from pipeline.tracking.registry import Decision
 
 
 def champion_model_dir(name: str, uri: str, dest: Path) -> Path:
@@ -37,10 +38,9 @@ def run_retrain(spec: JobSpec, show: Any, uri: str) -> dict[str, Any]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.evaluate import evaluate_model
     from pipeline.run import data_dir, run_preprocess
     from pipeline.tracking import use_experiment
-    from pipeline.tracking.registry import as_dict, champion, promote
+    from pipeline.tracking.registry import as_dict, champion
     from pipeline.train.driver import run_train
 
     r = spec.retrain
@@ -68,18 +68,10 @@ def run_retrain(spec: JobSpec, show: Any, uri: str) -> dict[str, Any]:
         result = run_train(spec, data_dir(spec), uri, progress=show, nested=True, init_from=init)
         if result.get("model") is None:
             raise UserError("the challenger left no checkpoint to evaluate")
-        evaluate = dict(data_dir=data_dir(spec), batches=r.eval_batches, seed=spec.training.seed)
-        score = evaluate_model(result["model"]["export_dir"], **evaluate)
-        champion_score = evaluate_model(champion_dir, **evaluate) if champion_dir else None
-        decision = promote(
-            client,
-            name,
-            str(result["model"]["version"]),
-            "val_loss",
-            score["loss"],
-            champion_score["loss"] if champion_score else None,
-            margin=r.margin,
-        )
+        decision, score, champion_score = challenge(
+            client, name, uri, result["model"], data_dir(spec), work, r, spec.training.seed,
+            champion_dir,
+        )  # fmt: skip
         mlflow.log_metric("challenger/val_loss", score["loss"], step=0)
         if champion_score:
             mlflow.log_metric("champion/val_loss", champion_score["loss"], step=0)
@@ -96,6 +88,42 @@ def run_retrain(spec: JobSpec, show: Any, uri: str) -> dict[str, Any]:
             "promotion": as_dict(decision),
             "train": {k: result[k] for k in ("mlflow_run_id", "checkpoint", "metrics")},
         }
+
+
+def challenge(
+    client: Any,
+    name: str,
+    uri: str,
+    model: dict[str, Any],
+    data: Path,
+    work: Path,
+    r: RetrainNode,
+    seed: int,
+    champion_dir: Path | None = None,
+) -> tuple[Decision, dict[str, Any], dict[str, Any] | None]:
+    """Score the registered `model` (run_train's "model" entry) and the current champion
+    on the same held-out samples of `data`, then promote by `r.margin` (see registry)."""
+    from pipeline.evaluate import evaluate_model
+    from pipeline.tracking.registry import champion, promote
+
+    current = champion(client, name) if _registered(client, name) else None
+    if current is not None and str(current.version) == str(model["version"]):
+        current = None
+    if current is not None and champion_dir is None:
+        champion_dir = champion_model_dir(name, uri, work)
+    evaluate = dict(data_dir=data, batches=r.eval_batches, seed=seed)
+    score = evaluate_model(model["export_dir"], **evaluate)
+    champion_score = evaluate_model(champion_dir, **evaluate) if current is not None else None
+    decision = promote(
+        client,
+        name,
+        str(model["version"]),
+        "val_loss",
+        score["loss"],
+        champion_score["loss"] if champion_score else None,
+        margin=r.margin,
+    )
+    return decision, score, champion_score
 
 
 def _registered(client: Any, name: str) -> bool:

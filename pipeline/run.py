@@ -10,7 +10,7 @@ from pipeline.config import JobSpec
 from pipeline.errors import UserError
 from pipeline.tracking import log_preprocess, tracking_uri, use_experiment
 
-RUNNABLE = ("preprocess", "train", "pipeline", "retrain")
+RUNNABLE = ("preprocess", "train", "pipeline", "retrain", "compare")
 
 
 def progress_printer() -> Any:
@@ -130,6 +130,10 @@ def _train_or_pipeline(
 
     uri = tracking_uri(spec.tracking.uri, spec.storage.work_dir)
     preflight(spec, resume_from, uri)  # before any preprocessing
+    if spec.job.kind == "compare":
+        from pipeline.compare import run_compare
+
+        return run_compare(spec, show, uri)
     if spec.job.kind == "retrain":
         from pipeline.retrain import run_retrain
 

@@ -97,6 +97,7 @@ def test_every_component_gets_only_its_own_node():
         "storage",
         "schedule",
         "retrain",
+        "compare",
     }
 
 

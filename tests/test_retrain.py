@@ -72,3 +72,40 @@ def test_champion_challenger_rounds(ray_cluster, tmp_path):
     assert tags["attnpipe.decision"] == "not promoted"
     assert tags["attnpipe.compared_with_version"] == r3["promotion"]["version"]
     assert "attnpipe.compared_with.val_loss" in tags and "attnpipe.eval.val_loss" in tags
+
+
+def test_compare_job_trains_variants_and_crowns_the_best(ray_cluster, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.run import run_job
+
+    corpus = write_corpus(tmp_path / "corpus", n=60)
+    spec = tiny_spec(
+        tmp_path / "work",
+        "job.kind=compare",
+        "job.name=cmp",
+        "data.sources.0.kind=files",
+        f"data.sources.0.path={corpus}",
+        "data.min_chars=5",
+        "data.val_fraction=0.2",
+        "data.seq_len=64",
+        "training.steps=6",
+        "training.checkpoint_interval=6",
+        "training.lr_schedule.warmup_steps=1",
+        "tracking.heatmap_tokens=0",
+        "compare.variants={dense: {attention: {pattern: dense, backend: sdpa}}, "
+        "window: {attention: {pattern: sliding_window, params: {window: 4}, "
+        "backend: blocksparse, block_size: 16}}}",
+    )
+    result = run_job(spec)
+    rows = result["rows"]
+    assert [r["val_loss"] for r in rows] == sorted(r["val_loss"] for r in rows)
+    assert sorted(r["variant"] for r in rows) == ["dense", "window"]
+    assert [r["decision"] for r in rows] == ["champion", "challenger"]
+    flops = {r["variant"]: r["attention_gflops_per_token"] for r in rows}
+    assert flops["window"] < flops["dense"]  # the window computes fewer attention tiles
+    client = MlflowClient(tracking_uri(None, tmp_path / "work"))
+    best = client.get_model_version_by_alias("cmp", "champion")
+    assert str(best.version) == rows[0]["model_version"]
+    logged = {a.path for a in client.list_artifacts(result["parent_run_id"])}
+    assert {"comparison.json", "comparison.png"} <= logged

@@ -128,7 +128,7 @@ def run_train(
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    submission = os.environ.get("RAY_JOB_SUBMISSION_ID")
+    submission = os.environ.get("RAY_JOB_SUBMISSION_ID") or _ray_submission_id()
     if submission:
         tags["attnpipe.ray_submission_id"] = submission
     if resume is not None:
@@ -251,3 +251,15 @@ def log_heatmaps(run_dir: Path) -> int:
                 )
             count += 1
     return count
+
+
+def _ray_submission_id() -> str | None:
+    """The submission id of the Ray job this driver runs in, whoever submitted it (Ray
+    passes it in the job config, not as a variable of its own)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("metadata", {}).get("job_submission_id")
+    except (ValueError, AttributeError):
+        return None

@@ -16,7 +16,6 @@ import os
 import resource
 import shutil
 import signal
-import sys
 import tempfile
 import time
 import warnings
@@ -331,7 +330,7 @@ class Worker:
             self.metrics.log_metrics(metrics, step=step)
         if self.rank == 0:
             shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "/" in k)
-            print(f"step {step}/{self.spec.training.steps} {shown}", file=sys.stderr, flush=True)
+            print(f"step {step}/{self.spec.training.steps} {shown}", flush=True)  # to the driver
 
     # ------------------------------------------------------------------ checkpoints
 
