@@ -36,6 +36,7 @@ def test_every_shipped_spec_validates(path):
         "preprocess",
         "retrain",
         "evaluate",
+        "compare",
     )
     # the resolved spec is itself a valid spec (it is what a worker receives)
     assert validate_spec(yaml.safe_load(resolved_yaml(spec))) == spec
