@@ -109,12 +109,11 @@ def run_job(
             + ", ".join(RUNNABLE)
         )
     show = progress_printer()
-    if spec.job.kind == "preprocess":
-        start_local_ray(2)
-        return run_preprocess(spec, show)
-
-    started = start_local_ray(log_to_driver=True)
+    preprocess_only = spec.job.kind == "preprocess"
+    started = start_local_ray(2) if preprocess_only else start_local_ray(log_to_driver=True)
     try:
+        if preprocess_only:
+            return run_preprocess(spec, show)
         return _train_or_pipeline(spec, show, resume_from, faults)
     finally:
         if started:  # also stops the thread that forwards the workers' output
