@@ -324,7 +324,7 @@ def test_attnpipe_run_rejects_kinds_it_cannot_run_yet():
             str(Path(sys.executable).parent / "attnpipe"),
             "run",
             "jobs/decoder-tiny.yaml",
-            "job.kind=retrain",
+            "job.kind=evaluate",
         ],
         capture_output=True,
         text=True,
@@ -332,4 +332,4 @@ def test_attnpipe_run_rejects_kinds_it_cannot_run_yet():
         timeout=120,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "job.kind: 'retrain' jobs cannot be run yet" in result.stderr
+    assert "job.kind: 'evaluate' jobs cannot be run yet" in result.stderr

@@ -116,7 +116,6 @@ def log_model(export_dir: Path, register_name: str | None, tags: dict[str, str])
         artifacts={"model": str(export_dir)},
         code_paths=[str(Path(models.__file__).parent)],
         signature=signature,
-        input_example=(["Once upon a time"], {"max_new_tokens": 4}),
         pip_requirements=["torch", "safetensors", "tokenizers", "pydantic", "numpy"],
         registered_model_name=register_name,
         tags=tags,
