@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml Makefile
 	# torch just installed instead of an isolated environment that would fetch another.
 	$(PIP) install -q --no-build-isolation "$$(grep -o '"deepspeed==[^"]*"' pyproject.toml | tr -d '"')"
 	$(PIP) install -q -e '.[dev]'
+	# DeepSpeed's CPU communication op, compiled once here instead of at a job's start
+	$(PY) -m pipeline.train.ops
 	touch $@
 
 test: setup
