@@ -17,10 +17,12 @@
   job default, and what is timed) and bf16.
 
 Step times are taken over "quiet" steps: the machine may be shared, so each step records
-the CPU time other processes took meanwhile (see Meter). A step-by-step breakdown (forward,
-backward, gradient reduction, optimizer) says where the differences come from.
+the CPU time other processes took meanwhile (see Meter), and --wait-quiet waits for an idle
+machine before every turn. A per-step breakdown (forward, backward, gradient reduction,
+optimizer) and the page faults per step say where the differences come from. About three
+minutes on an idle 2-core machine, plus any waiting.
 
-    python benchmarks/train_step.py --out benchmarks/results/train_step.json
+    python benchmarks/train_step.py --wait-quiet 120 --out benchmarks/results/train_step.json
 """
 
 from __future__ import annotations
