@@ -10,7 +10,11 @@ STAMP := $(VENV)/.attnpipe-installed
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint format clean
+# Debian's Chromium and its driver for the browser test of the MLflow UI (tests/browser.py)
+BROWSER_PKGS := chromium chromium-driver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup browser test demo lint format clean
 
 setup: $(STAMP)
 
@@ -27,7 +31,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pipeline.train.ops
 	touch $@
 
-test: setup
+browser:
+	@if ! test -x /usr/bin/chromium || ! test -x /usr/bin/chromedriver; then \
+	  echo "installing Debian's $(BROWSER_PKGS) for the MLflow UI browser test"; \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BROWSER_PKGS); \
+	fi
+
+test: setup browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 

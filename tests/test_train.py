@@ -302,6 +302,49 @@ def test_the_final_model_is_exported_logged_and_registered(reference_run):
     assert len(out) == 1 and isinstance(out[0], str)
 
 
+def test_the_mlflow_ui_shows_the_run_in_a_real_browser(reference_run, tmp_path):
+    """`mlflow server` on the run's store, the run page in headless Chromium: the metric
+    charts, an attention heatmap and the registered model with its champion alias."""
+    import os
+
+    from browser import check_run_in_ui, chromium
+    from mlflow.tracking import MlflowClient
+    from mlflow_server import MlflowServer
+
+    from pipeline.tracking import tracking_uri
+    from pipeline.tracking.registry import promote
+
+    work = Path(reference_run["run_dir"]).parent.parent
+    model = reference_run["model"]
+    local = MlflowClient(tracking_uri(None, work))
+    promote(local, model["name"], model["version"], "val_loss", 1.0, None)
+    run = local.get_run(reference_run["mlflow_run_id"])
+    heatmap = sorted(
+        a.path for a in local.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png")
+    )[-1]
+    out = Path(os.environ.get("ATTNPIPE_SCREENSHOTS", tmp_path / "screenshots"))
+    server = MlflowServer(
+        tmp_path / "server", tracking_uri(None, work), artifacts=work / "mlartifacts"
+    )
+    server.start()
+    try:
+        with chromium(tmp_path / "profile") as driver:
+            seen = check_run_in_ui(
+                driver, server.uri, run.info.experiment_id, run.info.run_id, heatmap,
+                model["name"], out,
+            )  # fmt: skip
+    finally:
+        server.stop()
+    assert seen.chart_sections["train"] >= 5 and seen.chart_sections["val"] == 2
+    assert seen.charts >= 1
+    assert seen.heatmap_width > 100  # the PNG decoded in the page, not a broken image
+    assert f"Version {model['version']}" in seen.model_text
+    assert "attnpipe.decision" in seen.model_text
+    for path in seen.screenshots:
+        assert path.stat().st_size > 10_000, path
+    print("screenshots:", *seen.screenshots)
+
+
 def test_explicit_resume_ends_bitwise_equal_to_the_uninterrupted_run(reference_run, data, tmp_path):
     start = Path(reference_run["run_dir"]) / "checkpoint-00000004"
     resumed = train(tmp_path, data, resume_from=str(start))
