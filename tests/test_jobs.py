@@ -174,6 +174,8 @@ def test_unknown_submission_id_is_one_line(ray_head):
     for command in ("status", "stop"):
         result = attnpipe(command, "no-such-job", env=ray_head.env())
         one_error_line(result, "no job with submission id 'no-such-job'", ray_head.address)
+    for command, sid in (("status", "?"), ("logs", "a/b")):  # not another endpoint of the API
+        one_error_line(attnpipe(command, sid, env=ray_head.env()), f"submission id {sid!r}")
 
 
 def test_a_spec_asking_for_more_gpus_than_the_cluster_has_is_one_line(ray_head, tiny, cluster):

@@ -157,7 +157,14 @@ class Cluster:
             raise UserError(f"{self.address}: {last or type(exc).__name__}") from None
 
     def info(self, sid: str) -> Any:
-        return self._call(self.client.get_job_info, sid)
+        return self._call(self.client.get_job_info, self._checked(sid))
+
+    def _checked(self, sid: str) -> str:
+        """A submission id goes into the Jobs API's URL path: one with '/', '?' or '#'
+        would name another endpoint (`?` lists every job), so it is unknown here."""
+        if not sid or any(c in sid for c in "/?#%\\") or sid.strip() != sid:
+            raise UnknownJob(f"no job with submission id {sid!r} on {self.address}")
+        return sid
 
     def exists(self, sid: str) -> bool:
         try:
@@ -172,7 +179,7 @@ class Cluster:
         return sorted(found, key=lambda j: j.start_time or 0)
 
     def logs(self, sid: str) -> str:
-        return str(self._call(self.client.get_job_logs, sid))
+        return str(self._call(self.client.get_job_logs, self._checked(sid)))
 
     def submit(self, **kwargs: Any) -> str:
         """JobSubmissionClient.submit_job; the working dir and modules upload here."""
