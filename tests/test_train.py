@@ -167,6 +167,22 @@ def test_activation_checkpointing_gives_the_same_gradients(family):
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
 
 
+def test_mfu_against_a_measured_peak_never_exceeds_one(monkeypatch):
+    from pipeline.train import flops
+
+    cpu = torch.device("cpu")
+    real = flops.DevicePeak(cpu, "fp32")
+    assert real.measured and 1e8 < real.flops < 1e14
+    # a reading taken while the machine was busy: the peak rises to what steps reach
+    monkeypatch.setattr(flops, "measured_gemm_flops", lambda *a, **k: 1e9)
+    low = flops.DevicePeak(cpu, "fp32")
+    assert low.utilisation(5e8) == 0.5
+    assert low.utilisation(3e9) == 1.0 and low.flops == 3e9
+    assert low.utilisation(1.5e9) == 0.5
+    given = flops.DevicePeak(cpu, "fp32", override=1e9)  # training.peak_flops is the user's
+    assert not given.measured and given.utilisation(2e9) == 2.0
+
+
 def test_an_incomplete_checkpoint_is_never_the_resume_target(tmp_path):
     def make(step: int, ranks_done: int) -> Path:
         folder = tmp_path / "run" / f"checkpoint-{step:08d}"

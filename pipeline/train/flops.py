@@ -39,7 +39,7 @@ def table_peak(device_name: str, precision: str) -> float | None:
 
 
 def measured_gemm_flops(
-    device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 5
+    device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5
 ) -> float:
     """The best FLOP/s of an n x n x n matrix multiply over `repeats` timed runs."""
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -57,15 +57,31 @@ def measured_gemm_flops(
     return 2 * n**3 / best
 
 
-def device_peak(device: torch.device, precision: str, override: float | None = None) -> float:
-    if override:
-        return override
-    if device.type == "cuda":
-        peak = table_peak(torch.cuda.get_device_name(device), precision)
-        if peak:
-            return peak
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    return measured_gemm_flops(device, dtype)
+class DevicePeak:
+    """A device's peak FLOP/s for MFU: `training.peak_flops`, else the vendor table, else a
+    matrix multiply measured in place. A measured peak is a lower bound (a machine busy
+    while it was measured reads low), so it rises to any rate a step is seen to reach:
+    MFU from a measured peak never exceeds 1."""
+
+    def __init__(self, device: torch.device, precision: str, override: float | None = None):
+        self.measured = False
+        if override:
+            self.flops = float(override)
+            return
+        if device.type == "cuda":
+            peak = table_peak(torch.cuda.get_device_name(device), precision)
+            if peak:
+                self.flops = peak
+                return
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        self.flops = measured_gemm_flops(device, dtype)
+        self.measured = True
+
+    def utilisation(self, achieved: float) -> float:
+        """achieved / peak, for one device's achieved FLOP/s."""
+        if self.measured and achieved > self.flops:
+            self.flops = achieved
+        return achieved / self.flops
 
 
 def attention_density(attention: AttentionConfig, model: ModelConfig, seq_len: int) -> float:

@@ -41,7 +41,7 @@ from pipeline.train.checkpoint import (
     write_rank_state,
 )
 from pipeline.train.deepspeed_config import LRSchedule, deepspeed_config
-from pipeline.train.flops import device_peak, train_flops_per_token
+from pipeline.train.flops import DevicePeak, train_flops_per_token
 from pipeline.train.objectives import Objective
 
 
@@ -142,7 +142,7 @@ class Worker:
         seq = self.manifest["seq_len"]
         self.tokens_per_step = t.global_batch_size * seq
         self.flops_per_token = train_flops_per_token(spec.attention, spec.model.architecture(), seq)
-        self.peak = device_peak(self.device, t.precision, t.peak_flops) if self.rank == 0 else 0.0
+        self.peak = DevicePeak(self.device, t.precision, t.peak_flops) if self.rank == 0 else None
 
     def restore(self, folder: Path) -> int:
         meta = read_meta(folder)
@@ -248,8 +248,10 @@ class Worker:
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             out["train/grad_norm"] = float(norm)
-        if self.rank == 0 and self.peak:
-            out["train/mfu"] = self.flops_per_token * tokens_per_s / (self.peak * self.world)
+        if self.peak is not None:  # rank 0
+            out["train/mfu"] = self.peak.utilisation(
+                self.flops_per_token * tokens_per_s / self.world
+            )
         if self.device.type == "cuda":
             out["train/memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         else:
