@@ -334,3 +334,35 @@ def test_the_scheduler_fires_each_slot_once_across_a_restart(
         assert not cluster.exists(f"nightly-{later:%Y%m%dT%H%M%SZ}")
     finally:
         cluster.client.stop_job(busy)
+
+
+def test_runtime_env_carries_the_project_or_names_an_image(tmp_path):
+    """Without --image: the spec in a working dir, attnpipe's packages, --pip packages. With
+    --image: no working dir (Ray allows none beside an image); the spec travels in an env
+    var and reaches `attnpipe` through stdin unchanged."""
+    from pipeline.config import load_spec, resolved_yaml
+    from pipeline.errors import UserError
+    from pipeline.jobs.submit import SPEC_FILE, runtime_env
+
+    spec = load_spec(ROOT / "jobs" / "decoder-tiny.yaml", ["training.steps=70"])
+    env, entry = runtime_env(spec, "sid-1", tmp_path, pip=["rich==14.0.0"])
+    assert env["working_dir"] == str(tmp_path) and env["pip"] == ["rich==14.0.0"]
+    assert {Path(m).name for m in env["py_modules"]} == {"pipeline", "models"}
+    assert (tmp_path / SPEC_FILE).read_text() == resolved_yaml(spec)
+    assert entry == f"python -m pipeline.cli run {SPEC_FILE}"
+    assert env["env_vars"]["RAY_JOB_SUBMISSION_ID"] == "sid-1"
+
+    env, entry = runtime_env(spec, "sid-2", tmp_path / "unused", image="registry/attnpipe:1")
+    assert env["image_uri"] == "registry/attnpipe:1" and "working_dir" not in env
+    assert not (tmp_path / "unused").exists()
+    # the entrypoint as the image's shell runs it, `run` swapped for `validate` (no training)
+    command = entry.replace("pipeline.cli run", "pipeline.cli validate")
+    shown = subprocess.run(
+        ["bash", "-c", command.replace("python ", f"{sys.executable} ", 1)],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **env["env_vars"]},
+        timeout=60,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == resolved_yaml(spec)
+    with pytest.raises(UserError, match="--pip"):
+        runtime_env(spec, "sid-3", tmp_path, image="registry/attnpipe:1", pip=["x"])
