@@ -32,34 +32,70 @@ class _Node(BaseModel):
 class ModelConfig(_Node):
     """Architecture of one transformer. Defaults describe a GPT-2-style decoder."""
 
-    family: Family = "decoder"
-    vocab_size: int = Field(50257, ge=2)
-    d_model: int = Field(768, ge=1)
-    n_layers: int = Field(12, ge=1, description="decoder layers (encoder layers for an encoder)")
-    n_encoder_layers: int | None = Field(
-        None, ge=1, description="encoder layers of an encoder-decoder; default n_layers"
+    family: Family = Field(
+        "decoder",
+        description="Model type: decoder (causal LM), encoder (masked LM) or encoder_decoder "
+        "(seq2seq LM)",
     )
-    n_heads: int = Field(12, ge=1)
+    vocab_size: int = Field(
+        50257,
+        ge=2,
+        description="Vocabulary of the embedding and output layers; default size of the tokenizer",
+    )
+    d_model: int = Field(768, ge=1, description="Hidden width of the residual stream")
+    n_layers: int = Field(12, ge=1, description="Decoder layers (encoder layers for an encoder)")
+    n_encoder_layers: int | None = Field(
+        None, ge=1, description="Encoder layers of an encoder_decoder; default: n_layers"
+    )
+    n_heads: int = Field(12, ge=1, description="Query attention heads; must divide d_model")
     n_kv_heads: int | None = Field(
-        None, ge=1, description="key/value heads: n_heads (MHA), 1 (MQA) or a divisor (GQA)"
+        None,
+        ge=1,
+        description="Key/value heads: n_heads (MHA, the default), 1 (MQA) or a divisor (GQA)",
     )
     d_ff: int | None = Field(
         None,
         ge=1,
-        description="MLP width; default 4*d_model (GELU) "
-        "or 8/3*d_model rounded up to ffn_multiple_of (SwiGLU)",
+        description="MLP hidden width; default `4*d_model` (gelu) "
+        "or `8/3*d_model` rounded up to ffn_multiple_of (swiglu)",
     )
-    ffn_multiple_of: int = Field(256, ge=1)
-    max_seq_len: int = Field(1024, ge=1)
-    positional: Positional = "learned"
-    rope_theta: float = Field(10000.0, gt=0)
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    norm_eps: float = Field(1e-5, gt=0)
-    mlp: Literal["gelu", "swiglu"] = "gelu"
-    bias: bool = True
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    tie_embeddings: bool = True
-    init_std: float = Field(0.02, gt=0)
+    ffn_multiple_of: int = Field(
+        256, ge=1, description="The swiglu default d_ff is rounded up to a multiple of this"
+    )
+    max_seq_len: int = Field(
+        1024,
+        ge=1,
+        description="Longest sequence in tokens; sizes and limits learned/sinusoidal positions",
+    )
+    positional: Positional = Field(
+        "learned", description="Position encoding: sinusoidal, learned, rope, alibi or none"
+    )
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency (positional: rope)")
+    norm: Literal["layernorm", "rmsnorm"] = Field(
+        "layernorm", description="Normalisation layer (pre-norm blocks and final norm)"
+    )
+    norm_eps: float = Field(1e-5, gt=0, description="Epsilon of every norm layer")
+    mlp: Literal["gelu", "swiglu"] = Field(
+        "gelu", description="MLP: gelu (two matrices) or swiglu (gated, three matrices)"
+    )
+    bias: bool = Field(
+        True,
+        description="Biases in linear and LayerNorm layers; among LM heads, only the encoder's",
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout probability on embeddings, attention weights and residual branches",
+    )
+    tie_embeddings: bool = Field(
+        True, description="Share the token embedding matrix with the output projection"
+    )
+    init_std: float = Field(
+        0.02,
+        gt=0,
+        description="Std of the normal weight init; residual projections get `/sqrt(2*layers)`",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -111,10 +147,16 @@ class ModelConfig(_Node):
 class AdaptiveSpanConfig(_Node):
     """Adaptive attention span (Sukhbaatar et al. 2019) for a decoder's self-attention."""
 
-    max_span: int = Field(1024, ge=1)
-    ramp: int = Field(32, ge=1)
-    init: float = Field(0.5, ge=0.0, le=1.0, description="initial span, fraction of max_span")
-    loss_coefficient: float = Field(2e-6, ge=0.0, description="weight of the span penalty")
+    max_span: int = Field(1024, ge=1, description="Longest span a head can learn, in tokens")
+    ramp: int = Field(32, ge=1, description="Length of the soft mask's linear ramp, in tokens")
+    init: float = Field(
+        0.5, ge=0.0, le=1.0, description="Initial span of every head, as a fraction of max_span"
+    )
+    loss_coefficient: float = Field(
+        2e-6,
+        ge=0.0,
+        description="Loss weight of the span penalty (mean span in tokens, summed over layers)",
+    )
 
 
 class AttentionConfig(_Node):
@@ -124,11 +166,29 @@ class AttentionConfig(_Node):
     self-attention is causal, an encoder's is not, cross-attention sees the whole source).
     """
 
-    pattern: str = "dense"
-    params: dict[str, Any] = Field(default_factory=dict)
-    backend: str = "sdpa"
-    block_size: int = Field(64, ge=16, le=128)
-    adaptive_span: AdaptiveSpanConfig | None = None
+    pattern: str = Field(
+        "dense",
+        description="Pattern: dense, sliding_window, dilated, strided, fixed, longformer, bigbird "
+        "or variable",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Pattern parameters, e.g. `{window: 256}`; causal is set by the model "
+        "(docs/attention.md)",
+    )
+    backend: str = Field(
+        "sdpa",
+        description="Computed by: sdpa (dense patterns only), flex, blocksparse or reference",
+    )
+    block_size: int = Field(
+        64,
+        ge=16,
+        le=128,
+        description="Tile size in tokens of the blocksparse and flex backends and adaptive span",
+    )
+    adaptive_span: AdaptiveSpanConfig | None = Field(
+        None, description="Learned per-head spans (decoder, pattern dense); null: off"
+    )
 
 
 # --------------------------------------------------------------------------- presets

@@ -64,6 +64,35 @@ def validate(
         typer.echo(resolved_yaml(resolved), nl=False)
 
 
+@app.command()
+def schema(
+    output: Annotated[str, typer.Option("--format", help="markdown or json")] = "markdown",
+    update: Annotated[
+        Path | None,
+        typer.Option("--update", help="Rewrite the reference block in this file (README.md)."),
+    ] = None,
+) -> None:
+    """The job-spec reference generated from the schema: every key, type, default, range."""
+    from pipeline.spec_reference import BEGIN, json_schema, reference_markdown, splice
+
+    if output not in ("markdown", "json"):
+        fail(f"--format: expected markdown or json, got {output!r}")
+    text = json_schema() if output == "json" else reference_markdown()
+    if update is None:
+        typer.echo(text)
+        return
+    if output != "markdown":
+        fail("--update: writes the Markdown reference; drop --format json")
+    try:
+        current = update.read_text()
+    except OSError as exc:
+        fail(f"--update {update}: {exc.strerror}")
+    if BEGIN not in current:
+        fail(f"--update {update}: no line {BEGIN!r} to replace from")
+    update.write_text(splice(current, text))
+    typer.echo(f"{update}: job-spec reference updated", err=True)
+
+
 ResumeOpt = Annotated[
     str | None,
     typer.Option(

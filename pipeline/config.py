@@ -35,25 +35,49 @@ class SpecError(UserError):
 
 
 class JobNode(_Node):
-    name: str = Field("attnpipe-job", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-    kind: JobKind = "train"
-    description: str = ""
+    name: str = Field(
+        "attnpipe-job",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+        description="Names the data folder, runs, MLflow run and default registered model",
+    )
+    kind: JobKind = Field(
+        "train",
+        description="preprocess, train, pipeline (both), retrain or compare; "
+        "evaluate: not runnable yet",
+    )
+    description: str = Field("", description="Free text about the job; logged with the params")
 
 
 class SourceNode(_Node):
     """One text source. `demo` is the bundled offline corpus; `hub` a dataset by name;
     `files` local or remote files by path or glob."""
 
-    kind: Literal["demo", "hub", "files"] = "demo"
-    name: str | None = None  # hub dataset name
-    config: str | None = None  # hub dataset config
-    split: str = "train"
-    path: str | None = None  # files: path, glob or URI
-    format: Literal["text", "json", "jsonl", "parquet", "csv"] | None = None
-    text_column: str = "text"
-    target_column: str | None = None  # paired (seq2seq) data: the target text
-    weight: float = Field(1.0, gt=0)
-    streaming: bool = False
+    kind: Literal["demo", "hub", "files"] = Field(
+        "demo", description="demo (bundled Shakespeare), hub (Hugging Face dataset) or files"
+    )
+    name: str | None = Field(None, description="Hub dataset name (kind: hub)")
+    config: str | None = Field(None, description="Hub dataset configuration (kind: hub)")
+    split: str = Field("train", description="Hub dataset split to read (kind: hub)")
+    path: str | None = Field(
+        None, description="Local file path or glob, `**` recursive (kind: files); no URIs yet"
+    )
+    format: Literal["text", "json", "jsonl", "parquet", "csv"] | None = Field(
+        None,
+        description="File format (kind: files); default: the first file's extension; "
+        "text: a document per file",
+    )
+    text_column: str = Field("text", description="Column holding the text (hub, files)")
+    target_column: str | None = Field(
+        None, description="Column holding the target text of paired (encoder_decoder) data"
+    )
+    weight: float = Field(
+        1.0,
+        gt=0,
+        description="Blend weight: 2 reads the source twice, 0.5 half its documents (by hash)",
+    )
+    streaming: bool = Field(
+        False, description="Load with datasets' streaming mode instead of loading it whole"
+    )
 
     @model_validator(mode="after")
     def _where(self) -> SourceNode:
@@ -66,24 +90,56 @@ class SourceNode(_Node):
 
 class TokenizerNode(_Node):
     vocab_size: int | None = Field(
-        None, ge=256, le=1_000_000, description="default: model.vocab_size"
+        None,
+        ge=256,
+        le=1_000_000,
+        description="Vocabulary of the BPE to train, at most model.vocab_size; "
+        "default: model.vocab_size",
     )
-    path: str | None = None  # a tokenizer.json to load instead of training one
-    sample_documents: int = Field(100_000, ge=1)
+    path: str | None = Field(
+        None, description="A tokenizer.json to load instead of training a byte-level BPE"
+    )
+    sample_documents: int = Field(
+        100_000, ge=1, description="Documents the BPE is trained on: the first ones kept"
+    )
 
 
 class DataNode(_Node):
-    sources: list[SourceNode] = Field(default_factory=lambda: [SourceNode()], min_length=1)
-    seq_len: int = Field(256, ge=8)
-    tokenizer: TokenizerNode = Field(default_factory=TokenizerNode)
-    val_fraction: float = Field(0.01, gt=0.0, le=0.5)
-    samples_per_shard: int = Field(4096, ge=1)
-    min_chars: int = Field(1, ge=0)
-    max_chars: int | None = Field(None, ge=1)
-    dedup: bool = True
-    max_source_len: int | None = Field(None, ge=1)  # paired data only
-    max_target_len: int | None = Field(None, ge=1)
-    seed: int = 0
+    sources: list[SourceNode] = Field(
+        default_factory=lambda: [SourceNode()],
+        min_length=1,
+        description="Text sources, blended by their weights",
+    )
+    seq_len: int = Field(
+        256, ge=8, description="Tokens per sample; documents are packed into seq_len + 1 tokens"
+    )
+    tokenizer: TokenizerNode = Field(
+        default_factory=TokenizerNode, description="The tokenizer: trained on the data or loaded"
+    )
+    val_fraction: float = Field(
+        0.01,
+        gt=0.0,
+        le=0.5,
+        description="Fraction of documents in the validation split, chosen by content hash",
+    )
+    samples_per_shard: int = Field(4096, ge=1, description="Packed samples per .npy shard")
+    min_chars: int = Field(
+        1, ge=0, description="Drop documents shorter than this, in characters after normalising"
+    )
+    max_chars: int | None = Field(
+        None, ge=1, description="Drop documents longer than this, in characters; null: no limit"
+    )
+    dedup: bool = Field(True, description="Drop exact duplicate documents, keeping the first")
+    max_source_len: int | None = Field(
+        None, ge=1, description="Paired data: source tokens per sample (truncated); default seq_len"
+    )
+    max_target_len: int | None = Field(
+        None, ge=1, description="Paired data: target tokens per sample (truncated); default seq_len"
+    )
+    seed: int = Field(
+        0,
+        description="Unused by preprocessing (splits go by hash); only changes the fingerprint",
+    )
 
     @model_validator(mode="after")
     def _lengths(self) -> DataNode:
@@ -95,7 +151,10 @@ class DataNode(_Node):
 class ModelNode(ModelConfig):
     """The model's architecture: an optional named preset plus field overrides."""
 
-    preset: str | None = None
+    preset: str | None = Field(
+        None,
+        description="Named size preset (see `attnpipe models`); this node's keys override it",
+    )
 
     @field_validator("preset")
     @classmethod
@@ -108,11 +167,13 @@ class ModelNode(ModelConfig):
 
 
 class OptimizerNode(_Node):
-    name: Literal["adamw"] = "adamw"
-    lr: float = Field(3e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
+    name: Literal["adamw"] = Field("adamw", description="The optimizer; AdamW only")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate, reached after warmup")
+    betas: tuple[float, float] = Field(
+        (0.9, 0.95), description="AdamW's decay rates of the gradient moments (beta1, beta2)"
+    )
+    eps: float = Field(1e-8, gt=0, description="AdamW's epsilon, added to the denominator")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW's decoupled weight decay")
 
     @field_validator("betas")
     @classmethod
@@ -123,38 +184,73 @@ class OptimizerNode(_Node):
 
 
 class ScheduleLRNode(_Node):
-    name: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(100, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    name: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay after warmup: cosine, linear, or constant (no decay)"
+    )
+    warmup_steps: int = Field(100, ge=0, description="Steps of linear warmup from 0 to lr")
+    min_lr_ratio: float = Field(
+        0.1, ge=0.0, le=1.0, description="Learning rate at the last step, as a fraction of lr"
+    )
 
 
 class TrainingNode(_Node):
-    steps: int = Field(1000, ge=1)
-    global_batch_size: int = Field(32, ge=1)
-    micro_batch_size: int = Field(8, ge=1)
+    steps: int = Field(1000, ge=1, description="Optimizer steps to train")
+    global_batch_size: int = Field(
+        32, ge=1, description="Samples per optimizer step, over all workers and micro batches"
+    )
+    micro_batch_size: int = Field(
+        8, ge=1, description="Samples per worker in one forward and backward pass"
+    )
     grad_accum_steps: int | None = Field(
-        None, ge=1, description="default: global_batch_size / (micro_batch_size * workers)"
+        None,
+        ge=1,
+        description="Micro batches per step; if set, must be "
+        "global_batch_size / (micro_batch_size * num_workers)",
     )
-    optimizer: OptimizerNode = Field(default_factory=OptimizerNode)
-    lr_schedule: ScheduleLRNode = Field(default_factory=ScheduleLRNode)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    grad_clip: float = Field(1.0, ge=0)
-    activation_checkpointing: bool = False
-    checkpoint_interval: int = Field(500, ge=1)
-    keep_checkpoints: int = Field(3, ge=1)
-    eval_interval: int = Field(200, ge=1)
-    eval_batches: int = Field(20, ge=1)
-    log_interval: int = Field(10, ge=1)
-    seed: int = 0
+    optimizer: OptimizerNode = Field(
+        default_factory=OptimizerNode, description="The optimizer and its settings"
+    )
+    lr_schedule: ScheduleLRNode = Field(
+        default_factory=ScheduleLRNode, description="Learning-rate schedule: warmup, then decay"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32, or bf16 / fp16 mixed precision (DeepSpeed)"
+    )
+    grad_clip: float = Field(
+        1.0, ge=0, description="Clip the global gradient norm to this; 0: no clipping"
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each block's activations in the backward pass (less memory)"
+    )
+    checkpoint_interval: int = Field(
+        500, ge=1, description="Save a checkpoint every this many steps, and at the end"
+    )
+    keep_checkpoints: int = Field(3, ge=1, description="Newest checkpoints kept per run")
+    eval_interval: int = Field(
+        200, ge=1, description="Evaluate and draw heatmaps every this many steps, and at the end"
+    )
+    eval_batches: int = Field(
+        20, ge=1, description="Validation micro batches per worker at each evaluation (at most)"
+    )
+    log_interval: int = Field(
+        10, ge=1, description="Log training metrics every this many steps, and at the end"
+    )
+    seed: int = Field(0, description="Seed of the initial weights, data order and MLM masking")
     document_masking: bool = Field(
-        True, description="packed samples: a token attends only within its own document"
+        True, description="Packed samples: a token attends only within its own document"
     )
-    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0, description="encoder (masked LM) jobs")
+    mlm_probability: float = Field(
+        0.15, gt=0.0, lt=1.0, description="Fraction of tokens masked by the encoder's masked LM"
+    )
     max_failures: int = Field(
-        0, ge=-1, description="worker failures to recover from (-1: no limit)"
+        0,
+        ge=-1,
+        description="Worker failures to recover from by resuming a checkpoint (-1: no limit)",
     )
     peak_flops: float | None = Field(
-        None, gt=0, description="per-device peak FLOP/s for MFU; default: the device table"
+        None,
+        gt=0,
+        description="Per-device peak FLOP/s for MFU; default: the GPU table or a measured matmul",
     )
 
 
@@ -162,10 +258,20 @@ class DeepSpeedNode(_Node):
     """ZeRO stage and offload: set directly, or by a named preset (`preset: zero3-offload`,
     the files in pipeline/presets/deepspeed/, copied in infra/deepspeed/)."""
 
-    preset: str | None = None
-    zero_stage: int = Field(0, ge=0, le=3)
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    preset: str | None = Field(
+        None,
+        description="zero1, zero2, zero3 or zero3-offload; this node's keys override it",
+    )
+    zero_stage: int = Field(
+        0,
+        ge=0,
+        le=3,
+        description="ZeRO stage: 0 off; partitions 1 optimizer states, 2 + gradients, 3 + params",
+    )
+    offload_optimizer: bool = Field(
+        False, description="Optimizer states and step on the CPU; needs zero_stage 1-3"
+    )
+    offload_params: bool = Field(False, description="Parameters on the CPU; needs zero_stage 3")
 
     @field_validator("preset")
     @classmethod
@@ -182,42 +288,73 @@ class DeepSpeedNode(_Node):
 
 
 class ResourcesNode(_Node):
-    num_workers: int = Field(2, ge=1)
-    gpus_per_worker: float = Field(0, ge=0)
-    cpus_per_worker: float = Field(1, gt=0)
-    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    gpu_type: str | None = None  # e.g. "H100-80GB", for the memory planner
+    num_workers: int = Field(2, ge=1, description="Data-parallel training workers (Ray Train)")
+    gpus_per_worker: float = Field(
+        0, ge=0, description="GPUs per worker; 0: train on CPU (gloo), else on GPU (NCCL)"
+    )
+    cpus_per_worker: float = Field(
+        1, gt=0, description="CPUs per worker; also its torch thread count"
+    )
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement strategy of the workers across nodes"
+    )
+    gpu_type: str | None = Field(
+        None, description='GPU the memory planner checks against, e.g. "H100-80GB"'
+    )
 
 
 class TrackingNode(_Node):
-    uri: str | None = None  # default: sqlite:///<work_dir>/mlflow.db
-    experiment: str = Field("attnpipe", min_length=1)
-    register_name: str | None = None
-    log_checkpoints: Literal["all", "last", "none"] = "last"
-    buffer_size: int = Field(10_000, ge=1)
-    system_metrics: bool = True
-    heatmap_layers: list[int] = Field(
-        default_factory=lambda: [0, -1], description="layers drawn at each evaluation (-1: last)"
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default: `sqlite:///<work_dir>/mlflow.db`"
     )
-    heatmap_heads: list[int] = Field(default_factory=lambda: [0, 1])
-    heatmap_tokens: int = Field(40, ge=0, le=256, description="snippet length; 0: no heatmaps")
+    experiment: str = Field("attnpipe", min_length=1, description="MLflow experiment name")
+    register_name: str | None = Field(
+        None, description="Registered model the trained model goes to; default: job.name"
+    )
+    log_checkpoints: Literal["all", "last", "none"] = Field(
+        "last", description="Checkpoints logged to MLflow as artifacts at the end of training"
+    )
+    buffer_size: int = Field(
+        10_000,
+        ge=1,
+        description="Metric points queued for MLflow; when full, the oldest are dropped",
+    )
+    system_metrics: bool = Field(True, description="Log MLflow's system metrics (CPU, GPU, memory)")
+    heatmap_layers: list[int] = Field(
+        default_factory=lambda: [0, -1],
+        description="Layers whose attention is drawn at each evaluation (-1: last)",
+    )
+    heatmap_heads: list[int] = Field(
+        default_factory=lambda: [0, 1],
+        description="Heads drawn in each layer (>= n_heads: skipped)",
+    )
+    heatmap_tokens: int = Field(
+        40, ge=0, le=256, description="Tokens of the validation snippet drawn; 0: no heatmaps"
+    )
 
 
 class RetrainNode(_Node):
     """`kind: retrain`: how a challenger is trained and when it replaces the champion."""
 
-    warm_start: bool = Field(True, description="start from the champion's weights")
-    margin: float = Field(
-        0.0, ge=0.0, description="fraction of the champion's held-out loss to beat it by"
+    warm_start: bool = Field(
+        True, description="Start the challenger from the champion's weights, not from scratch"
     )
-    eval_batches: int = Field(20, ge=1)
+    margin: float = Field(
+        0.0, ge=0.0, description="Fraction of the champion's held-out loss to beat it by"
+    )
+    eval_batches: int = Field(
+        20, ge=1, description="Validation batches of 8 samples both models are scored on"
+    )
 
 
 class CompareNode(_Node):
     """`kind: compare`: named variants, each a tree of overrides on this spec (for example
     `{attention: {pattern: bigbird, backend: blocksparse}}`), trained on the same data."""
 
-    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Variant name to overrides of this spec (not data or job); at least two",
+    )
 
     @model_validator(mode="after")
     def _no_data(self) -> CompareNode:
@@ -228,12 +365,19 @@ class CompareNode(_Node):
 
 
 class StorageNode(_Node):
-    work_dir: str = Field("attnpipe-work", min_length=1)  # a local folder or s3:// / gs:// URI
+    work_dir: str = Field(
+        "attnpipe-work",
+        min_length=1,
+        description="Folder for data shards, runs, checkpoints and the local MLflow store",
+    )
 
 
 class ScheduleNode(_Node):
-    cron: str | None = None
-    timezone: str = "UTC"
+    cron: str | None = Field(
+        None,
+        description="Crontab expression (5 fields, or 6 seconds first) for `attnpipe schedule`",
+    )
+    timezone: str = Field("UTC", description="IANA time zone the cron expression is read in")
 
     @field_validator("timezone")
     @classmethod
@@ -306,18 +450,42 @@ def _cron_weekdays(field: str) -> str:
 class JobSpec(_Node):
     """The whole job: one node per component."""
 
-    job: JobNode = Field(default_factory=JobNode)
-    data: DataNode = Field(default_factory=DataNode)
-    model: ModelNode = Field(default_factory=ModelNode)
-    attention: AttentionConfig = Field(default_factory=AttentionConfig)
-    training: TrainingNode = Field(default_factory=TrainingNode)
-    deepspeed: DeepSpeedNode = Field(default_factory=DeepSpeedNode)
-    resources: ResourcesNode = Field(default_factory=ResourcesNode)
-    tracking: TrackingNode = Field(default_factory=TrackingNode)
-    storage: StorageNode = Field(default_factory=StorageNode)
-    schedule: ScheduleNode = Field(default_factory=ScheduleNode)
-    retrain: RetrainNode = Field(default_factory=RetrainNode)
-    compare: CompareNode = Field(default_factory=CompareNode)
+    job: JobNode = Field(default_factory=JobNode, description="Name and kind of the job")
+    data: DataNode = Field(
+        default_factory=DataNode, description="Sources, cleaning, tokenizer and packing"
+    )
+    model: ModelNode = Field(
+        default_factory=ModelNode, description="Architecture: a preset plus overrides"
+    )
+    attention: AttentionConfig = Field(
+        default_factory=AttentionConfig, description="Attention pattern, backend and span"
+    )
+    training: TrainingNode = Field(
+        default_factory=TrainingNode,
+        description="Steps, batches, optimizer, precision, evaluation and checkpoints",
+    )
+    deepspeed: DeepSpeedNode = Field(
+        default_factory=DeepSpeedNode, description="ZeRO stage and CPU offload"
+    )
+    resources: ResourcesNode = Field(
+        default_factory=ResourcesNode, description="Training workers and what each one holds"
+    )
+    tracking: TrackingNode = Field(
+        default_factory=TrackingNode,
+        description="MLflow tracking and registration, attention heatmaps",
+    )
+    storage: StorageNode = Field(
+        default_factory=StorageNode, description="Where the job writes its outputs"
+    )
+    schedule: ScheduleNode = Field(
+        default_factory=ScheduleNode, description="A recurring schedule (`attnpipe schedule`)"
+    )
+    retrain: RetrainNode = Field(
+        default_factory=RetrainNode, description="Challenger training and promotion (kind: retrain)"
+    )
+    compare: CompareNode = Field(
+        default_factory=CompareNode, description="Variants to train and compare (kind: compare)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:

@@ -72,3 +72,33 @@ def test_models_lists_presets_with_exact_parameter_counts():
     for name in PRESETS:
         assert name in result.stdout
         assert f"{count_params(preset_config(name)):,}" in result.stdout
+
+
+def test_the_readme_spec_reference_is_the_one_the_schema_generates(tmp_path):
+    """Every key of the schema, with a description, in the README: `attnpipe schema` writes
+    the block; a key added to the schema without it fails here."""
+    import json
+
+    from pipeline.config import JobSpec
+    from pipeline.spec_reference import BEGIN, END, readme_block
+
+    result = attnpipe("schema")
+    assert result.returncode == 0, result.stderr
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index(BEGIN) : readme.index(END) + len(END)]
+    assert block == readme_block(result.stdout.removesuffix("\n")), (
+        "README.md's job-spec reference is stale: `.venv/bin/attnpipe schema --update README.md`"
+    )
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| `")]
+    documented = {line.split("`")[1] for line in rows}
+    for key in ("training.optimizer.lr", "data.sources.N.path", "attention.adaptive_span.ramp",
+                "deepspeed.zero_stage", "schedule.cron", "retrain.margin"):  # fmt: skip
+        assert key in documented, key
+    assert all(line.rstrip(" |").split(" | ")[-1].strip() for line in rows), "undescribed key"
+    schema = json.loads(attnpipe("schema", "--format", "json").stdout)
+    assert set(schema["properties"]) == set(JobSpec.model_fields)
+    # --update rewrites only the block
+    copy = tmp_path / "README.md"
+    copy.write_text(readme.replace(block, readme_block("stale")))
+    assert attnpipe("schema", "--update", str(copy)).returncode == 0
+    assert copy.read_text() == readme
