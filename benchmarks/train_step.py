@@ -28,8 +28,6 @@ minutes on an idle 2-core machine, plus any waiting.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import gc
 import json
 import logging
@@ -38,13 +36,10 @@ import os
 import platform
 import resource
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,6 +48,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from pipeline.run import free_port
+from pipeline.tracking.server import MlflowServer
 
 ZERO_TIMED = (0, 1, 2)
 ZERO_MEMORY = (0, 1, 2, 3)
@@ -207,85 +205,6 @@ def build_worker(spec: dict[str, Any], data_dir: Path, run_dir: Path, rank: int,
     )
     worker.build()
     return worker
-
-
-# --------------------------------------------------------------------------- MLflow server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when this process dies, however it dies (the
-    mlflow CLI forwards it to its uvicorn child), so a killed benchmark leaves no server."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class MlflowServer:
-    """`mlflow server` on a free loopback port with a SQLite store, one worker; stopped by
-    its process group (the CLI and its uvicorn child)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.port = root, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> MlflowServer:
-        cmd = [
-            str(Path(sys.executable).with_name("mlflow")),
-            "server",
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-            "--artifacts-destination", str(self.root / "artifacts"),
-        ]  # fmt: skip
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        with open(self.root / "server.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
-        deadline = time.monotonic() + 120
-        while not self.healthy():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = (self.root / "server.log").read_text()[-2000:]
-                self.__exit__()
-                raise RuntimeError(f"mlflow server did not start:\n{tail}")
-            time.sleep(0.2)
-        return self
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as reply:
-                return reply.status == 200
-        except OSError:
-            return False
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is None:
-            return
-        group, self.proc = self.proc.pid, None
-        for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(group, sig)
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(group, os.WNOHANG)
-                try:
-                    os.killpg(group, 0)
-                except ProcessLookupError:
-                    return
-                time.sleep(0.1)
 
 
 # --------------------------------------------------------------------------- timing
@@ -681,7 +600,10 @@ def main() -> None:
     from pipeline.tracking.buffer import MetricBuffer
     from pipeline.train.flops import measured_gemm_flops
 
-    with tempfile.TemporaryDirectory() as tmp, MlflowServer(Path(tmp)) as server:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        MlflowServer(Path(tmp), die_with_parent=True) as server,
+    ):
         folder = Path(tmp)
         data_dir = folder / "data"
         samples = (

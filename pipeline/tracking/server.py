@@ -25,6 +25,7 @@ class MlflowServer:
         store_uri: str | None = None,
         port: int | None = None,
         artifacts: Path | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.root = Path(root)
         self.store_uri = store_uri or f"sqlite:///{self.root / 'mlflow.db'}"
@@ -33,6 +34,15 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log = self.root / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        # SIGTERM to the server when this process dies, however it dies (a killed benchmark)
+        self.die_with_parent = die_with_parent
+
+    def __enter__(self) -> MlflowServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def start(self) -> None:
         cmd = [
@@ -48,7 +58,12 @@ class MlflowServer:
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:  # the child keeps its own copy
             self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         deadline = time.monotonic() + 60
         while not self.healthy():
@@ -83,3 +98,12 @@ class MlflowServer:
                 except ProcessLookupError:
                     return
                 time.sleep(0.05)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (the mlflow CLI forwards it
+    to its uvicorn child)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
