@@ -22,7 +22,7 @@ def variant_specs(spec: JobSpec) -> dict[str, JobSpec]:
         tree = _merge(copy.deepcopy(base), overrides)
         tree["job"].update(name=f"{spec.job.name}-{name}", kind="train")
         tree["tracking"]["register_name"] = spec.tracking.register_name or spec.job.name
-        tree["compare"] = {"variants": {}}
+        tree["compare"] = {"variants": {}, "probe": {"enabled": False}}
         out[name] = validate_spec(tree, f"compare.variants.{name}")
     return out
 
@@ -86,6 +86,7 @@ def run_compare(spec: JobSpec, show: Any, uri: str) -> dict[str, Any]:
             )
             models[label] = result["model"]
         rows.sort(key=lambda r: r["val_loss"])
+        probes = _probe(spec, variants, rows, show) if spec.compare.probe.enabled else []
         work = Path(spec.storage.work_dir) / "compare" / parent.info.run_id
         for row in rows:  # the best challenges the champion first; the rest then challenge it
             if models[row["variant"]] is None:
@@ -96,25 +97,81 @@ def run_compare(spec: JobSpec, show: Any, uri: str) -> dict[str, Any]:
             )  # fmt: skip
             row["decision"] = "champion" if decision.promoted else "challenger"
         mlflow.log_table(_columns(rows), artifact_file="comparison.json")
-        mlflow.log_figure(_plot(rows), "comparison.png")
+        mlflow.log_figure(_plot(rows, probes), "comparison.png")
         for row in rows:
             mlflow.log_metric(f"{row['variant']}/val_perplexity", row["val_perplexity"], step=0)
+        if probes:
+            mlflow.log_table(_probe_columns(probes), artifact_file="probe.json")
+            for probe in probes:
+                for distance, accuracy in probe["accuracy"].items():
+                    key = f"probe/{_metric_name(probe['variant'])}/accuracy_d{distance}"
+                    mlflow.log_metric(key, accuracy, step=0)
         show_table(rows, show)
+        if probes:
+            show_probe_table(probes, show)
         show(f"see it in the MLflow UI: attnpipe ui --work-dir {spec.storage.work_dir}")
-        return {"parent_run_id": parent.info.run_id, "registered_model": name, "rows": rows}
+        return {
+            "parent_run_id": parent.info.run_id,
+            "registered_model": name,
+            "rows": rows,
+            "probe": probes,
+        }
+
+
+def _probe(
+    spec: JobSpec, variants: dict[str, JobSpec], rows: list[dict[str, Any]], show: Any
+) -> list[dict[str, Any]]:
+    """The long-range probe for every variant (and each sparse one's window alone), with
+    each row's attention compute at the job's sequence length."""
+    from pipeline.probe import run_probe
+
+    probes = run_probe(variants, spec.compare.probe, show)
+    by_name = {row["variant"]: row for row in rows}
+    for probe in probes:
+        base = variants[probe["variant"].split(" (")[0]]
+        attention = base.attention.model_copy(
+            update={"pattern": probe["pattern"], "params": probe["params"]}
+        )
+        probe["attention_gflops_per_token"] = (
+            attention_flops_per_token(base.model_copy(update={"attention": attention})) / 1e9
+        )
+        if probe["variant"] in by_name:
+            by_name[probe["variant"]]["probe_accuracy"] = probe["accuracy"]
+    return probes
+
+
+def _metric_name(variant: str) -> str:
+    return variant.replace(" (window only)", "-window-only").replace(" ", "-")
+
+
+def _probe_columns(probes: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    distances = list(probes[0]["accuracy"])
+    columns: dict[str, list[Any]] = {
+        "variant": [p["variant"] for p in probes],
+        "pattern": [p["pattern"] for p in probes],
+        "params": [str(p["params"]) for p in probes],
+        "window_reach_tokens": [p["reach"] for p in probes],
+        "attention_gflops_per_token": [p["attention_gflops_per_token"] for p in probes],
+    }
+    for d in distances:
+        columns[f"accuracy_d{d}"] = [p["accuracy"][d] for p in probes]
+    columns["chance"] = [p["chance"] for p in probes]
+    return columns
 
 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return {key: [row.get(key) for row in rows] for key in rows[0]}
 
 
-def _plot(rows: list[dict[str, Any]]) -> Any:
+def _plot(rows: list[dict[str, Any]], probes: list[dict[str, Any]]) -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    panels = 2 if probes else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 3.8), dpi=120, squeeze=False)
+    ax = axes[0][0]
     for row in rows:
         ax.scatter(row["attention_gflops_per_token"], row["val_perplexity"], s=60)
         ax.annotate(
@@ -127,6 +184,20 @@ def _plot(rows: list[dict[str, Any]]) -> Any:
     ax.set_ylabel("validation perplexity")
     ax.set_title("perplexity against attention compute")
     ax.grid(alpha=0.3)
+    if probes:
+        ax = axes[0][1]
+        far = max(probes[0]["accuracy"])
+        for probe in probes:
+            x, y = probe["attention_gflops_per_token"], probe["accuracy"][far]
+            ax.scatter(x, y, s=60, marker="o" if "window only" not in probe["variant"] else "x")
+            ax.annotate(probe["variant"], (x, y), textcoords="offset points", xytext=(6, 4))
+        ax.axhline(probes[0]["chance"], color="grey", linestyle=":", label="chance")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("attention GFLOPs per training token")
+        ax.set_ylabel(f"probe accuracy, key {far} tokens back")
+        ax.set_title("long-range retrieval against attention compute")
+        ax.legend(loc="lower right")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
@@ -136,15 +207,45 @@ def show_table(rows: list[dict[str, Any]], show: Any) -> None:
     from rich.table import Table
 
     table = Table(title="variants, best first")
-    for column in ("variant", "attention", "val ppl", "attn GFLOP/token", "seconds", "registry"):
+    probed = any("probe_accuracy" in row for row in rows)
+    columns = ["variant", "attention", "val ppl", "attn GFLOP/token"]
+    columns += ["probe acc (far)"] if probed else []
+    for column in (*columns, "seconds", "registry"):
         table.add_column(column)
     for row in rows:
-        table.add_row(
+        cells = [
             row["variant"],
             f"{row['pattern']} / {row['backend']}",
             f"{row['val_perplexity']:.2f}",
             f"{row['attention_gflops_per_token']:.4f}",
+        ]
+        if probed:
+            accuracy = row.get("probe_accuracy") or {}
+            cells.append(f"{accuracy[max(accuracy)]:.2f}" if accuracy else "-")
+        cells += [
             f"{row['train_seconds']:.0f}",
             f"v{row['model_version']} {row.get('decision', '')}",
+        ]
+        table.add_row(*cells)
+    Console(stderr=True).print(table)
+
+
+def show_probe_table(probes: list[dict[str, Any]], show: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    distances = list(probes[0]["accuracy"])
+    table = Table(
+        title=f"long-range probe: key accuracy by distance (chance {probes[0]['chance']:.2f})"
+    )
+    for column in ("model", "attention", "window reach", *(f"d={d}" for d in distances)):
+        table.add_column(column)
+    for probe in probes:
+        params = ", ".join(f"{k}={v}" for k, v in probe["params"].items())
+        table.add_row(
+            probe["variant"],
+            f"{probe['pattern']}" + (f" ({params})" if params else ""),
+            "-" if probe["reach"] is None else f"{probe['reach']} tokens",
+            *(f"{probe['accuracy'][d]:.2f}" for d in distances),
         )
     Console(stderr=True).print(table)

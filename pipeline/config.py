@@ -347,6 +347,47 @@ class RetrainNode(_Node):
     )
 
 
+class ProbeNode(_Node):
+    """`kind: compare`: the long-range retrieval probe (pipeline/probe.py). A key opens each
+    sequence; the model must repeat it after a marker `distances` tokens later. A probe-size
+    model with each variant's attention (and each sparse variant's window alone) is trained
+    on the task, then scored per distance."""
+
+    enabled: bool = Field(True, description="Run the probe after the variants train")
+    seq_len: int = Field(256, ge=16, description="Tokens per probe sequence")
+    distances: list[int] = Field(
+        default_factory=lambda: [24, 200],
+        min_length=1,
+        description="Tokens from the key to where it is asked for; each scored on its own",
+    )
+    key_tokens: int = Field(4, ge=1, le=16, description="Symbols in the key")
+    symbols: int = Field(16, ge=2, le=256, description="Key alphabet size (chance: 1/symbols)")
+    d_model: int = Field(64, ge=8, description="Width of the probe model")
+    n_layers: int = Field(2, ge=1, description="Layers of the probe model")
+    n_heads: int = Field(4, ge=1, description="Attention heads of the probe model")
+    steps: int = Field(300, ge=1, description="Training steps per probe model")
+    batch_size: int = Field(16, ge=1, description="Sequences per probe training step")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of the probe models")
+    seed: int = Field(0, description="Seed of the probe models and their sequences")
+
+    @model_validator(mode="after")
+    def _fits(self) -> ProbeNode:
+        if any(d < 1 for d in self.distances):
+            raise FieldError("distances", f"each distance must be >= 1, got {self.distances}")
+        need = 2 * self.key_tokens + max(self.distances)
+        if need > self.seq_len:
+            raise FieldError(
+                "distances",
+                f"{max(self.distances)} + 2 x key_tokens ({self.key_tokens}) = {need} tokens "
+                f"do not fit seq_len={self.seq_len}",
+            )
+        if self.d_model % self.n_heads:
+            raise FieldError(
+                "d_model", f"{self.d_model} is not a multiple of n_heads={self.n_heads}"
+            )
+        return self
+
+
 class CompareNode(_Node):
     """`kind: compare`: named variants, each a tree of overrides on this spec (for example
     `{attention: {pattern: bigbird, backend: blocksparse}}`), trained on the same data."""
@@ -355,6 +396,7 @@ class CompareNode(_Node):
         default_factory=dict,
         description="Variant name to overrides of this spec (not data or job); at least two",
     )
+    probe: ProbeNode = Field(default_factory=ProbeNode)
 
     @model_validator(mode="after")
     def _no_data(self) -> CompareNode:
@@ -742,9 +784,20 @@ def _suggest_key(loc: Sequence[str]) -> str:
     local = _suggest(key, _fields_at(parent), parent)
     if local:
         return local
-    paths = {p[-1]: p for p in _all_paths(JobSpec)}  # leaf -> a full path
-    match = difflib.get_close_matches(key, list(paths), n=1, cutoff=0.75)
-    return f" (did you mean {'.'.join(paths[match[0]])!r}?)" if match else ""
+    paths = _all_paths(JobSpec)
+    match = difflib.get_close_matches(
+        key, list(dict.fromkeys(p[-1] for p in paths)), n=1, cutoff=0.75
+    )
+    if not match:
+        return ""
+
+    def shared(path: tuple[str, ...]) -> int:  # the leaf nearest the unknown key wins
+        pairs = zip(path, parent, strict=False)
+        return next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(path), len(parent)))
+
+    same_leaf = [p for p in paths if p[-1] == match[0]]
+    best = max(same_leaf, key=lambda p: (shared(p), -same_leaf.index(p)))
+    return f" (did you mean {'.'.join(best)!r}?)"
 
 
 def _all_paths(cls: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

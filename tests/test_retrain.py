@@ -94,8 +94,14 @@ def test_compare_job_trains_variants_and_crowns_the_best(ray_cluster, tmp_path):
         "training.lr_schedule.warmup_steps=1",
         "tracking.heatmap_tokens=0",
         "compare.variants={dense: {attention: {pattern: dense, backend: sdpa}}, "
-        "window: {attention: {pattern: sliding_window, params: {window: 4}, "
+        "window: {attention: {pattern: longformer, params: {window: 4, global_tokens: [0]}, "
         "backend: blocksparse, block_size: 16}}}",
+        # the probe's plumbing only (tests/test_probe.py shows what it measures)
+        "compare.probe.seq_len=32",
+        "compare.probe.distances=[3, 20]",
+        "compare.probe.key_tokens=2",
+        "compare.probe.d_model=16",
+        "compare.probe.steps=3",
     )
     result = run_job(spec)
     rows = result["rows"]
@@ -108,4 +114,13 @@ def test_compare_job_trains_variants_and_crowns_the_best(ray_cluster, tmp_path):
     best = client.get_model_version_by_alias("cmp", "champion")
     assert str(best.version) == rows[0]["model_version"]
     logged = {a.path for a in client.list_artifacts(result["parent_run_id"])}
-    assert {"comparison.json", "comparison.png"} <= logged
+    assert {"comparison.json", "comparison.png", "probe.json"} <= logged
+    probes = {p["variant"]: p for p in result["probe"]}
+    assert list(probes) == ["dense", "window", "window (window only)"]
+    assert probes["window (window only)"]["pattern"] == "sliding_window"
+    assert probes["window (window only)"]["reach"] == 2 * 3  # 2 layers x (window - 1)
+    metrics = client.get_run(result["parent_run_id"]).data.metrics
+    for name in ("dense", "window", "window-window-only"):
+        for distance in (3, 20):
+            assert 0.0 <= metrics[f"probe/{name}/accuracy_d{distance}"] <= 1.0
+    assert all(set(r["probe_accuracy"]) == {3, 20} for r in rows)

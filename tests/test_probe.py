@@ -1,0 +1,88 @@
+"""The long-range retrieval probe (pipeline/probe.py): its sequences, the window-only
+ablation, and the result it exists to show: a pure window is at chance beyond its reach,
+while dense attention and a window with global tokens retrieve the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.config import AttentionConfig, ModelConfig
+from pipeline.config import SpecError, load_spec
+from pipeline.probe import IGNORE, MARKER, ProbeTask, reach, train_and_score, window_only
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_probe_sequence_asks_for_its_key_d_tokens_after_it():
+    task = ProbeTask(seq_len=64, key_tokens=3, symbols=8, distances=(5, 40))
+    ids, targets = task.batch(torch.Generator().manual_seed(0), 4)
+    assert ids.shape == targets.shape == (4, 64)
+    for row, distance in enumerate((5, 40, 5, 40)):  # distances cycle over the batch
+        key = ids[row, :3]
+        assert ((key >= 2) & (key < 10)).all()  # key symbols, never filler
+        marker = 3 - 1 + distance  # the key's last symbol is `distance` tokens back
+        assert (ids[row] == MARKER).nonzero().flatten().tolist() == [marker]
+        assert torch.equal(ids[row, marker + 1 : marker + 4], key)  # teacher forcing
+        asked = (targets[row] != IGNORE).nonzero().flatten().tolist()
+        assert asked == [marker, marker + 1, marker + 2]
+        assert torch.equal(targets[row, marker : marker + 3], key)
+        filler = torch.cat([ids[row, 3:marker], ids[row, marker + 4 :]])
+        assert (filler >= 10).all()  # no key symbol anywhere else: no shortcut
+
+
+def test_window_only_keeps_the_local_part_and_reach_bounds_it():
+    longformer = AttentionConfig(
+        pattern="longformer", params={"window": 64, "global_tokens": [0, 1, 2, 3]}
+    )
+    local = window_only(longformer)
+    assert local.pattern == "sliding_window" and local.params == {"window": 64}
+    assert reach(local, layers=2) == 126 and reach(longformer, layers=2) is None
+    bigbird = AttentionConfig(
+        pattern="bigbird", params={"block": 16, "window": 3, "global_blocks": [0], "random": 2}
+    )
+    local = window_only(bigbird)
+    assert local.params["global_blocks"] == [] and local.params["random"] == 0
+    assert reach(local, layers=1) == 2 * 16 + 15
+    assert window_only(AttentionConfig()) is None  # dense has no local part
+
+
+def test_a_pure_window_fails_beyond_its_reach_where_dense_and_global_tokens_retrieve():
+    """Trained on both distances at once: 6 tokens (inside a window of 8) and 40 tokens
+    (beyond 2 layers x 7 = 14 tokens of reach, but the key sits on Longformer's globals)."""
+    task = ProbeTask(seq_len=64, key_tokens=2, symbols=8, distances=(6, 40))
+    model = ModelConfig(d_model=32, n_layers=2, n_heads=4, positional="rope", max_seq_len=64)
+    longformer = AttentionConfig(
+        pattern="longformer",
+        params={"window": 8, "global_tokens": [0, 1]},
+        backend="blocksparse",
+        block_size=16,
+    )
+    scores = {
+        name: train_and_score(attention, task, model, steps=300, batch_size=16, lr=3e-3, seed=0)
+        for name, attention in (
+            ("dense", AttentionConfig()),
+            ("longformer", longformer),
+            ("window", window_only(longformer)),
+        )
+    }
+    chance = 1 / task.symbols
+    assert scores["dense"][6] > 0.9 and scores["dense"][40] > 0.9, scores
+    assert scores["longformer"][6] > 0.9 and scores["longformer"][40] > 0.9, scores
+    assert scores["window"][6] > 0.9, scores  # inside its window it learns the task
+    assert scores["window"][40] < chance + 0.1, scores  # beyond its reach: chance
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("compare.probe.distances=[250]", "compare.probe.distances: 250 + 2 x key_tokens (4)"),
+        ("compare.probe.distances=[0]", "compare.probe.distances: each distance must be >= 1"),
+    ],
+)
+def test_a_probe_that_does_not_fit_is_one_line(override, message):
+    with pytest.raises(SpecError) as caught:
+        load_spec(ROOT / "jobs" / "demo.yaml", [override])
+    assert message in str(caught.value) and "\n" not in str(caught.value)
