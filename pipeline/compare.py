@@ -173,14 +173,13 @@ def _plot(rows: list[dict[str, Any]], probes: list[dict[str, Any]]) -> Any:
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 3.8), dpi=120, squeeze=False)
     ax = axes[0][0]
     for row in rows:
-        ax.scatter(row["attention_gflops_per_token"], row["val_perplexity"], s=60)
+        x = row["attention_gflops_per_token"] * 1e3
+        ax.scatter(x, row["val_perplexity"], s=60)
         ax.annotate(
-            row["variant"],
-            (row["attention_gflops_per_token"], row["val_perplexity"]),
-            textcoords="offset points",
-            xytext=(6, 4),
+            row["variant"], (x, row["val_perplexity"]), textcoords="offset points", xytext=(6, 4)
         )
-    ax.set_xlabel("attention GFLOPs per training token")
+    ax.margins(x=0.3, y=0.2)
+    ax.set_xlabel("attention MFLOPs per training token")
     ax.set_ylabel("validation perplexity")
     ax.set_title("perplexity against attention compute")
     ax.grid(alpha=0.3)
@@ -188,12 +187,13 @@ def _plot(rows: list[dict[str, Any]], probes: list[dict[str, Any]]) -> Any:
         ax = axes[0][1]
         far = max(probes[0]["accuracy"])
         for probe in probes:
-            x, y = probe["attention_gflops_per_token"], probe["accuracy"][far]
+            x, y = probe["attention_gflops_per_token"] * 1e3, probe["accuracy"][far]
             ax.scatter(x, y, s=60, marker="o" if "window only" not in probe["variant"] else "x")
             ax.annotate(probe["variant"], (x, y), textcoords="offset points", xytext=(6, 4))
         ax.axhline(probes[0]["chance"], color="grey", linestyle=":", label="chance")
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_xlabel("attention GFLOPs per training token")
+        ax.margins(x=0.3)
+        ax.set_ylim(-0.05, 1.12)
+        ax.set_xlabel("attention MFLOPs per training token")
         ax.set_ylabel(f"probe accuracy, key {far} tokens back")
         ax.set_title("long-range retrieval against attention compute")
         ax.legend(loc="lower right")
@@ -203,7 +203,6 @@ def _plot(rows: list[dict[str, Any]], probes: list[dict[str, Any]]) -> Any:
 
 
 def show_table(rows: list[dict[str, Any]], show: Any) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="variants, best first")
@@ -227,11 +226,20 @@ def show_table(rows: list[dict[str, Any]], show: Any) -> None:
             f"v{row['model_version']} {row.get('decision', '')}",
         ]
         table.add_row(*cells)
-    Console(stderr=True).print(table)
+    _console().print(table)
+
+
+def _console() -> Any:
+    """stderr; where it is not a terminal (`make demo | tee`, a Ray job's log) wide enough
+    for the tables instead of rich's 80 columns."""
+    import sys
+
+    from rich.console import Console
+
+    return Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
 def show_probe_table(probes: list[dict[str, Any]], show: Any) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     distances = list(probes[0]["accuracy"])
@@ -241,11 +249,11 @@ def show_probe_table(probes: list[dict[str, Any]], show: Any) -> None:
     for column in ("model", "attention", "window reach", *(f"d={d}" for d in distances)):
         table.add_column(column)
     for probe in probes:
-        params = ", ".join(f"{k}={v}" for k, v in probe["params"].items())
+        params = ", ".join(f"{k}={v}" for k, v in probe["params"].items()).replace(" ", "")
         table.add_row(
             probe["variant"],
             f"{probe['pattern']}" + (f" ({params})" if params else ""),
             "-" if probe["reach"] is None else f"{probe['reach']} tokens",
             *(f"{probe['accuracy'][d]:.2f}" for d in distances),
         )
-    Console(stderr=True).print(table)
+    _console().print(table)
