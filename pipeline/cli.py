@@ -41,6 +41,13 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def choose(option: str, value: str, *allowed: str) -> str:
+    """An option that takes one of a few words: anything else is one line."""
+    if value not in allowed:
+        fail(f"{option}: expected {' or '.join(allowed)}, got {value!r}")
+    return value
+
+
 def load(spec: Path, overrides: list[str] | None) -> JobSpec:
     try:
         return load_spec(spec, overrides or [])
@@ -55,8 +62,7 @@ def validate(
     output: Annotated[str, typer.Option("--format", help="yaml or json")] = "yaml",
 ) -> None:
     """Check a job spec and print it fully resolved (defaults, preset, file, overrides)."""
-    if output not in ("yaml", "json"):
-        fail(f"--format: expected yaml or json, got {output!r}")
+    choose("--format", output, "yaml", "json")
     resolved = load(spec, overrides)
     if output == "json":
         typer.echo(json.dumps(resolved.model_dump(mode="json"), indent=2))
@@ -75,8 +81,7 @@ def schema(
     """The job-spec reference generated from the schema: every key, type, default, range."""
     from pipeline.spec_reference import BEGIN, json_schema, reference_markdown, splice
 
-    if output not in ("markdown", "json"):
-        fail(f"--format: expected markdown or json, got {output!r}")
+    choose("--format", output, "markdown", "json")
     text = json_schema() if output == "json" else reference_markdown()
     if update is None:
         typer.echo(text)
@@ -148,8 +153,7 @@ def plan_memory(
     output: Annotated[str, typer.Option("--format", help="text or json")] = "text",
 ) -> None:
     """Estimate per-GPU memory (ZeRO states, activations) and whether it fits resources.gpu_type."""
-    if output not in ("text", "json"):
-        fail(f"--format: expected text or json, got {output!r}")
+    choose("--format", output, "text", "json")
     resolved = load(spec, overrides)
     from pipeline.plan import plan_job, render
 
