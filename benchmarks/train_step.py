@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.run import free_port
+from pipeline.run import CPU_WORKER_ENV, free_port
 from pipeline.tracking.server import MlflowServer
 
 ZERO_TIMED = (0, 1, 2)
@@ -585,7 +585,16 @@ def main() -> None:
     ap.add_argument("--memory-steps", type=int, default=1)
     ap.add_argument("--memory-precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--out", default="benchmarks/results/train_step.json")
+    ap.add_argument(
+        "--glibc-defaults",
+        action="store_true",
+        help="keep glibc's malloc defaults instead of the CPU_WORKER_ENV attnpipe's CPU "
+        "training workers run with (the plain loop shares the process, so both get it)",
+    )
     args = ap.parse_args()
+    if not args.glibc_defaults and any(os.environ.get(k) != v for k, v in CPU_WORKER_ENV.items()):
+        # glibc reads these when the process starts: start again with them
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **CPU_WORKER_ENV})
     # a SIGTERM (a timeout, a kill) unwinds like an exception, so the mlflow server the
     # `with` block started is stopped and the temporary folder removed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -677,7 +686,7 @@ def main() -> None:
         )
         flops_per_token = workers[0].flops_per_token
         tokens_per_step = workers[0].tokens_per_step
-        attnpipe_peak = workers[0].peak
+        attnpipe_peak = workers[0].peak.flops  # after the steps: raised to any rate reached
         del plain, workers, mlflow_worker, runners
         gc.collect()
         dist.destroy_process_group()
@@ -828,6 +837,7 @@ def main() -> None:
             "torch": torch.__version__,
             "deepspeed": deepspeed.__version__,
             "mlflow": mlflow.__version__,
+            "malloc_env": {k: os.environ.get(k) for k in CPU_WORKER_ENV},
         },
         "runtime_s": time.perf_counter() - started,
     }

@@ -127,6 +127,10 @@ class Worker:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
             dist_init_required=False,
         )
+        if self.world == 1 and self.engine.zero_optimization_stage() == 0:
+            # one rank: DeepSpeed's gradient all-reduce would copy every gradient into a
+            # flat buffer, average it over one rank and copy it back, for nothing
+            self.engine.enable_backward_allreduce = False
         self.accum = self.engine.gradient_accumulation_steps()
         self.reader = ShardReader(
             self.cfg.data_dir, "train", seed=t.seed, rank=self.rank, world_size=self.world
