@@ -537,6 +537,13 @@ def test_attnpipe_run_pipeline_job_then_export_by_run_id(corpus, tmp_path):
     summary = json.loads(run.stdout)
     assert summary["metrics"]["step"] == 4 and summary["resumed_at"] == []
     assert "step 4/4" in run.stderr  # progress from rank 0 reaches the terminal
+    from pipeline.run import CPU_WORKER_ENV
+
+    events = Path(summary["run_dir"]) / "events.jsonl"
+    placed = [
+        e for e in map(json.loads, events.read_text().splitlines()) if e["event"] == "placement"
+    ]
+    assert [e["malloc"] for e in placed] == [CPU_WORKER_ENV] * 2  # CPU workers' allocator
     uri = tracking_uri(None, tmp_path)
     mlflow.set_tracking_uri(uri)
     train_run = mlflow.get_run(summary["mlflow_run_id"])

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from pipeline.config import JobSpec, validate_spec
 from pipeline.data.reader import ShardReader
 from pipeline.data.shards import read_manifest
+from pipeline.run import CPU_WORKER_ENV
 from pipeline.train.checkpoint import (
     DS_TAG,
     checkpoint_name,
@@ -180,7 +181,8 @@ class Worker:
             self.event("resume", step=step, checkpoint=self.cfg.resume_from, cause="requested")
         else:
             self.event("start", step=0)
-        self.event("placement", every_rank=True, rank=self.rank, node=_node_id())
+        malloc = {k: os.environ[k] for k in CPU_WORKER_ENV if k in os.environ}
+        self.event("placement", every_rank=True, rank=self.rank, node=_node_id(), malloc=malloc)
         if self.rank == 0 and self.cfg.mlflow_run_id:
             from pipeline.tracking.buffer import MetricBuffer
 
