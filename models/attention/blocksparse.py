@@ -258,9 +258,8 @@ class BlockSparseAttention(torch.autograd.Function):
         bs, n, K = plan.block_size, plan.n_blocks, plan.slots
         groups = H // k.shape[1]
         chunk = plan.chunk
-        qs = q * (1.0 / math.sqrt(D))
-        if n * bs != S:
-            qs = F.pad(qs, (0, 0, 0, n * bs - S))  # (B, H, N*bs, D)
+        scale = 1.0 / math.sqrt(D)  # applied inside the GEMMs (baddbmm's alpha), never to Q
+        qs = q.contiguous() if n * bs == S else F.pad(q, (0, 0, 0, n * bs - S))  # (B, H, N*bs, D)
         out = q.new_empty(B, H, n * bs, D)
         scores = q.new_empty(chunk, bs, K * bs)
         for b in range(B):
@@ -273,7 +272,8 @@ class BlockSparseAttention(torch.autograd.Function):
                 for c0 in range(0, n, chunk):
                     c1 = min(n, c0 + chunk)
                     kg, vg = keys.take(idx[c0:c1], c0, c1), values.take(idx[c0:c1], c0, c1)
-                    s = torch.bmm(qh[c0:c1], kg.transpose(1, 2), out=scores[: c1 - c0])
+                    s = scores[: c1 - c0]
+                    torch.baddbmm(s, qh[c0:c1], kg.transpose(1, 2), beta=0, alpha=scale, out=s)
                     _apply_masks(s, plan, bi, hi, c0)
                     torch.bmm(torch.softmax(s, dim=-1), vg, out=oh[c0:c1])
         ctx.save_for_backward(qs, k, v)
@@ -288,6 +288,7 @@ class BlockSparseAttention(torch.autograd.Function):
         B, H, SP, D = qs.shape
         bs, n, K = plan.block_size, plan.n_blocks, plan.slots
         groups = H // k.shape[1]
+        scale = 1.0 / math.sqrt(D)
         do = (F.pad(grad_out, (0, 0, 0, SP - S)) if SP != S else grad_out).contiguous()
         dq = torch.empty_like(qs)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
@@ -313,21 +314,24 @@ class BlockSparseAttention(torch.autograd.Function):
                         c1 = min(n, c0 + chunk)
                         c = c1 - c0
                         kg, vg = keys.take(idx[c0:c1], c0, c1), values.take(idx[c0:c1], c0, c1)
-                        s = torch.bmm(qh[c0:c1], kg.transpose(1, 2), out=s_buf[:c])
+                        s = s_buf[:c]
+                        torch.baddbmm(s, qh[c0:c1], kg.transpose(1, 2), beta=0, alpha=scale, out=s)
                         _apply_masks(s, plan, bi, hi, c0)
                         p = torch.softmax(s, dim=-1)  # recomputed: O(S * K * bs) memory
                         dvg = torch.bmm(p.transpose(1, 2), doh[c0:c1], out=dkv_buf[1, :c])
                         # dS = P * (dP - rowsum(P * dP)): softmax's own fused backward
                         dp = torch.bmm(doh[c0:c1], vg.transpose(1, 2), out=ds_buf[:c])
                         ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
-                        torch.bmm(ds, kg, out=dqh[c0:c1])
-                        dkg = torch.bmm(ds.transpose(1, 2), qh[c0:c1], out=dkv_buf[0, :c])
+                        dq_c, dkg = dqh[c0:c1], dkv_buf[0, :c]
+                        torch.baddbmm(dq_c, ds, kg, beta=0, alpha=scale, out=dq_c)
+                        torch.baddbmm(
+                            dkg, ds.transpose(1, 2), qh[c0:c1], beta=0, alpha=scale, out=dkg
+                        )
                         _accumulate(plan, gk, idx, c0, c1, dkg.view(c * K, bs, D))
                         _accumulate(plan, gv, idx, c0, c1, dvg.view(c * K, bs, D))
                 if padded:
                     dk[b, kvh], dv[b, kvh] = gk.view(n * bs, D)[:S], gv.view(n * bs, D)[:S]
-        dq = dq[:, :, :S].mul_(1.0 / math.sqrt(D))
-        return dq, dk, dv, None
+        return dq if SP == S else dq[:, :, :S], dk, dv, None
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, plan: BlockSparsePlan) -> Tensor:
