@@ -396,7 +396,9 @@ class CompareNode(_Node):
         default_factory=dict,
         description="Variant name to overrides of this spec (not data or job); at least two",
     )
-    probe: ProbeNode = Field(default_factory=ProbeNode)
+    probe: ProbeNode = Field(
+        default_factory=ProbeNode, description="The long-range retrieval probe of each variant"
+    )
 
     @model_validator(mode="after")
     def _no_data(self) -> CompareNode:
