@@ -128,7 +128,7 @@ def _probe(
     probes = run_probe(variants, spec.compare.probe, show)
     by_name = {row["variant"]: row for row in rows}
     for probe in probes:
-        base = variants[probe["variant"].split(" (")[0]]
+        base = variants[probe["of_variant"]]
         attention = base.attention.model_copy(
             update={"pattern": probe["pattern"], "params": probe["params"]}
         )

@@ -169,14 +169,14 @@ def run_probe(variants: dict[str, Any], probe: Any, show: Any) -> list[dict[str,
         vocab_size=task.vocab_size,
         max_seq_len=task.seq_len,
     )
-    runs: list[tuple[str, AttentionConfig]] = []
+    runs: list[tuple[str, str, AttentionConfig]] = []  # (row name, variant, attention)
     for name, spec in variants.items():
-        runs.append((name, spec.attention))
+        runs.append((name, name, spec.attention))
         local = window_only(spec.attention)
         if local is not None:
-            runs.append((f"{name} (window only)", local))
+            runs.append((f"{name} (window only)", name, local))
     rows = []
-    for name, attention in runs:
+    for name, variant, attention in runs:
         show(
             f"probe {name!r}: {attention.pattern} {attention.params or ''}, "
             f"{probe.steps} steps at distances {list(task.distances)}"
@@ -187,6 +187,7 @@ def run_probe(variants: dict[str, Any], probe: Any, show: Any) -> list[dict[str,
         rows.append(
             {
                 "variant": name,
+                "of_variant": variant,
                 "pattern": attention.pattern,
                 "params": dict(attention.params),
                 "accuracy": accuracy,
