@@ -49,8 +49,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.run import CPU_WORKER_ENV, free_port
+from pipeline.run import free_port
 from pipeline.tracking.server import MlflowServer
+from pipeline.train.ops import CPU_WORKER_ENV
 
 ZERO_TIMED = (0, 1, 2)
 ZERO_MEMORY = (0, 1, 2, 3)

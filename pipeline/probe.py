@@ -166,9 +166,7 @@ def run_probe(variants: dict[str, Any], probe: Any, show: Any) -> list[dict[str,
         n_layers=probe.n_layers,
         n_heads=probe.n_heads,
         positional="rope",
-        vocab_size=task.vocab_size,
-        max_seq_len=task.seq_len,
-    )
+    )  # train_and_score sizes its vocabulary and length to the task
     runs: list[tuple[str, str, AttentionConfig]] = []  # (row name, variant, attention)
     for name, spec in variants.items():
         runs.append((name, name, spec.attention))

@@ -9,6 +9,7 @@ from typing import Any
 from pipeline.config import JobSpec
 from pipeline.errors import UserError
 from pipeline.tracking import log_preprocess, tracking_uri, use_experiment
+from pipeline.train.ops import CPU_WORKER_ENV
 
 RUNNABLE = ("preprocess", "train", "pipeline", "retrain", "compare")
 
@@ -24,14 +25,6 @@ def progress_printer() -> Any:
         console.print(f"[{time.perf_counter() - start:7.1f}s] {message}")
 
     return show
-
-
-# CPU training workers: glibc hands every freed block above its mmap threshold (which grows
-# to at most 32 MiB) back to the kernel, so a step that allocates and frees the same large
-# gradient and optimizer buffers (DeepSpeed's flat ZeRO partitions: hundreds of MB per step)
-# faults all their pages in again, every step. With these, freed memory stays in the heap
-# for the next step, as the CUDA caching allocator keeps it on a GPU.
-CPU_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
 
 
 def start_local_ray(

@@ -537,7 +537,7 @@ def test_attnpipe_run_pipeline_job_then_export_by_run_id(corpus, tmp_path):
     summary = json.loads(run.stdout)
     assert summary["metrics"]["step"] == 4 and summary["resumed_at"] == []
     assert "step 4/4" in run.stderr  # progress from rank 0 reaches the terminal
-    from pipeline.run import CPU_WORKER_ENV
+    from pipeline.train.ops import CPU_WORKER_ENV
 
     events = Path(summary["run_dir"]) / "events.jsonl"
     placed = [

@@ -1,9 +1,17 @@
-"""Ahead-of-time builds of the DeepSpeed ops a CPU run needs, so that no training job ever
-compiles (and no job killed while compiling leaves a stale build lock behind)."""
+"""What a CPU training run needs prepared: ahead-of-time builds of the DeepSpeed ops, so that
+no training job ever compiles (and no job killed while compiling leaves a stale build lock
+behind), and the environment its worker processes start with."""
 
 from __future__ import annotations
 
 import os
+
+# CPU training workers: glibc hands every freed block above its mmap threshold (which grows
+# to at most 32 MiB) back to the kernel, so a step that allocates and frees the same large
+# gradient and optimizer buffers (DeepSpeed's flat ZeRO partitions: hundreds of MB per step)
+# faults all their pages in again, every step. With these, freed memory stays in the heap
+# for the next step, as the CUDA caching allocator keeps it on a GPU.
+CPU_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
 
 
 def prebuild() -> list[str]:

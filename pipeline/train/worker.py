@@ -29,7 +29,6 @@ import torch.distributed as dist
 from pipeline.config import JobSpec, validate_spec
 from pipeline.data.reader import ShardReader
 from pipeline.data.shards import read_manifest
-from pipeline.run import CPU_WORKER_ENV
 from pipeline.train.checkpoint import (
     DS_TAG,
     checkpoint_name,
@@ -44,6 +43,7 @@ from pipeline.train.checkpoint import (
 from pipeline.train.deepspeed_config import LRSchedule, deepspeed_config
 from pipeline.train.flops import DevicePeak, train_flops_per_token
 from pipeline.train.objectives import Objective
+from pipeline.train.ops import CPU_WORKER_ENV
 
 
 @dataclass
