@@ -3,8 +3,10 @@ a real local Ray instance."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from pipeline.data import text as stages
 from pipeline.data.reader import ShardReader
 from pipeline.data.shards import (
     PAD_DOC,
+    DocumentShardWriter,
     pack_documents,
     pack_pairs,
     read_manifest,
@@ -33,6 +36,20 @@ def test_normalize_text():
     assert stages.normalize_text(raw) == "Caf\u00e9 au lait\n\nnext line"
 
 
+def test_normalize_skips_the_space_regex_only_where_it_changes_nothing():
+    def reference(text: str) -> str:  # every step applied, no shortcut
+        text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+        text = stages._SPACES.sub(" ", stages._CONTROL.sub("", text))
+        text = "\n".join(line.strip() for line in text.split("\n"))
+        return stages._BLANK_LINES.sub("\n\n", text).strip()
+
+    rng = random.Random(0)
+    pieces = [" ", "  ", "\t", "\n", "\r\n", "word", "b.", "\u00a0", "\u3000", "\x07", "e\u0301"]
+    for _ in range(5000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 16)))
+        assert stages.normalize_text(text) == reference(text), repr(text)
+
+
 def test_filter_reasons():
     assert stages.filter_reason("", 1, None) == "empty"
     assert stages.filter_reason("abc", 5, None) == "too_short"
@@ -48,20 +65,6 @@ def test_split_is_a_function_of_content_only():
     more = docs + [f"a new document {i}" for i in range(500)]
     val_more = {d for d in more if stages.is_validation(stages.content_hash(d), 0.1)}
     assert val <= val_more and not (val_more - val) & set(docs)  # old documents stay put
-
-
-def test_sources_blend_by_weight():
-    from pipeline.data.preprocess import apply_weights
-
-    items = [(i, [i]) for i in range(400)]
-    origin = {i: (0 if i < 200 else 1, stages.content_hash(str(i))) for i in range(400)}
-    assert apply_weights(items, origin, [1.0, 1.0]) == items
-    blended = apply_weights(items, origin, [2.0, 0.5])
-    first = [i for i, _ in blended]
-    assert first.count(5) == 2 and first[:200] == list(range(200))  # two passes over source 0
-    kept = {i for i in first if i >= 200}
-    assert 70 < len(kept) < 130 and all(first.count(i) == 1 for i in kept)  # about half
-    assert apply_weights(items, origin, [2.0, 0.5]) == blended  # deterministic
 
 
 # ------------------------------------------------------------------ packing
@@ -82,6 +85,24 @@ def test_packing_keeps_every_token_once_in_order_with_document_ids():
     eods = np.nonzero(tokens[real] == eod)[0]
     assert np.array_equal(changes, eods[:-1])
     assert packed.shape == (-(-len(expected) // block), 2, block)
+
+
+def test_streamed_shards_equal_packing_the_whole_split_at_once(tmp_path):
+    """The pipeline's writer packs documents as they arrive; its shards are byte for byte
+    those of packing every document at once and cutting the samples into shards."""
+    rng = random.Random(1)
+    docs = [(i, [rng.randrange(3, 500) for _ in range(rng.randrange(0, 90))]) for i in range(300)]
+    expected = write_shards(tmp_path / "whole", "train", pack_documents(docs, 17, 1, 2), 7)
+    writer = DocumentShardWriter(tmp_path / "streamed", "train", 17, 7, eod=1, pad=2)
+    cuts = [0, *sorted(rng.sample(range(1, len(docs)), 12)), len(docs)]
+    for a, b in itertools.pairwise(cuts):  # arrivals of uneven size
+        part = docs[a:b]
+        writer.add(
+            np.array([d for d, _ in part], dtype=np.uint32),
+            np.array([len(t) for _, t in part], dtype=np.int64),
+            np.array([x for _, t in part for x in t], dtype=np.uint32),
+        )
+    assert writer.close() == expected and writer.samples == sum(e["samples"] for e in expected)
 
 
 def test_long_documents_continue_into_the_next_block():
@@ -210,11 +231,7 @@ def run(ray_local, tmp_path, glob, out, parallelism, **data):
 
     node = DataNode(
         sources=[SourceNode(kind="files", path=glob)],
-        seq_len=32,
-        min_chars=5,
-        samples_per_shard=16,
-        val_fraction=0.1,
-        **data,
+        **{"seq_len": 32, "min_chars": 5, "samples_per_shard": 16, "val_fraction": 0.1, **data},
     )
     return preprocess(node, out, vocab_size=300, parallelism=parallelism, progress=lambda m: None)
 
@@ -243,6 +260,49 @@ def test_pipeline_is_deterministic_and_counts_what_it_drops(ray_local, tmp_path)
     assert sample.shape == (2, 2, 33)
     # a cache hit the second time
     assert run(ray_local, tmp_path, glob, tmp_path / "out1", parallelism=2)["cache_hit"]
+
+
+def eod_document_ids(out: Path, split: str) -> list[int]:
+    """The document id at each end-of-document token of a split, in order: one per copy."""
+    manifest = read_manifest(out)
+    eod = manifest["special_ids"]["eod"]
+    ids: list[int] = []
+    for entry in manifest["splits"][split]["shards"]:
+        arr = np.load(out / entry["file"])
+        ids += arr[:, 1][arr[:, 0] == eod].tolist()
+    return ids
+
+
+def test_sources_blend_by_weight(ray_local, tmp_path):
+    from pipeline.data.preprocess import preprocess
+
+    write_corpus(tmp_path / "a", n=60)  # 63 documents: 60 kept, then empty, short, duplicate
+    other = tmp_path / "b.jsonl"
+    other.write_text(
+        "".join(json.dumps({"text": f"another text, number {i}"}) + "\n" for i in range(200))
+    )
+    node = DataNode(
+        sources=[
+            SourceNode(kind="files", path=str(tmp_path / "a" / "*.txt"), weight=2.0),
+            SourceNode(kind="files", path=str(other), weight=0.5),
+        ],
+        seq_len=32,
+        min_chars=5,
+        val_fraction=0.01,
+    )
+    manifest = preprocess(node, tmp_path / "out", vocab_size=300, progress=lambda m: None)
+    order = eod_document_ids(tmp_path / "out", "train") + eod_document_ids(tmp_path / "out", "val")
+    a_docs = sorted({d for d in order if d < 63})
+    b_docs = sorted({d for d in order if d >= 63})
+    assert len(a_docs) == 60 and all(order.count(d) == 2 for d in a_docs)  # two passes
+    assert 70 < len(b_docs) < 130 and all(order.count(d) == 1 for d in b_docs)  # about half
+    train = eod_document_ids(tmp_path / "out", "train")
+    first = train[: len(train) - sum(1 for d in train if d < 63) // 2]
+    assert first == sorted(first) and train[len(first) :] == [d for d in first if d < 63]
+    assert manifest["splits"]["train"]["documents"] == len(train)
+    # the same data again, blended the same way
+    again = preprocess(node, tmp_path / "again", vocab_size=300, progress=lambda m: None)
+    assert again["splits"] == manifest["splits"]
 
 
 def test_pipeline_on_paired_demo_style_data(ray_local, tmp_path):
@@ -277,6 +337,22 @@ def test_empty_corpus_after_filtering_is_an_error(ray_local, tmp_path):
     with pytest.raises(DataError, match="empty after filtering: empty=0, too_short=1"):
         run(ray_local, tmp_path, str(tmp_path / "c" / "*.txt"), tmp_path / "o", parallelism=1)
     assert not (tmp_path / "o" / "manifest.json").exists()
+    assert not list((tmp_path / "o").iterdir())  # nothing half-written
+
+
+def test_a_failed_run_leaves_the_previous_output_complete(ray_local, tmp_path):
+    glob = write_corpus(tmp_path / "corpus", n=30)
+    first = run(ray_local, tmp_path, glob, tmp_path / "out", parallelism=2)
+    with pytest.raises(DataError, match="empty after filtering"):
+        run(ray_local, tmp_path, glob, tmp_path / "out", parallelism=2, min_chars=10**6)
+    assert read_manifest(tmp_path / "out")["fingerprint"] == first["fingerprint"]
+    assert ShardReader(tmp_path / "out", seed=0).next_batch(2).shape == (2, 2, 33)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "manifest.json",
+        "tokenizer.json",
+        "train",
+        "val",
+    ]
 
 
 def test_attnpipe_run_preprocesses_logs_to_mlflow_and_then_hits_the_cache(tmp_path):

@@ -37,19 +37,85 @@ def pack_documents(
     """(samples, 2, block) uint32 from (document id, token ids) in order: each document is
     followed by `eod` and carries its id on every token (EOD included); a document longer
     than a block continues into the next; the last block is padded. Nothing is dropped."""
-    tokens, ids = [], []
-    for doc_id, toks in docs:
-        arr = np.asarray(toks, dtype=np.uint32)
-        tokens.append(np.append(arr, np.uint32(eod)))
-        ids.append(np.full(arr.size + 1, doc_id, dtype=np.uint32))
-    if not tokens:
-        return np.zeros((0, 2, block), dtype=np.uint32)
-    flat_t, flat_d = np.concatenate(tokens), np.concatenate(ids)
-    n = -(-flat_t.size // block)
-    tail = n * block - flat_t.size
-    tokens_nb = np.pad(flat_t, (0, tail), constant_values=pad).reshape(n, block)
-    docs_nb = np.pad(flat_d, (0, tail), constant_values=PAD_DOC).reshape(n, block)
+    docs = list(docs)
+    lengths = np.array([len(toks) for _, toks in docs], dtype=np.int64)
+    values = [np.asarray(toks, dtype=np.uint32) for _, toks in docs]
+    tokens, doc_ids = join_documents(
+        np.array([d for d, _ in docs], dtype=np.uint32),
+        lengths,
+        np.concatenate(values) if values else np.zeros(0, np.uint32),
+        eod,
+    )
+    return _blocks(tokens, doc_ids, block, pad)
+
+
+def join_documents(
+    doc_ids: np.ndarray, lengths: np.ndarray, values: np.ndarray, eod: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Documents given as their ids, lengths and concatenated tokens, as one token stream
+    with `eod` after each document, and the document id of every token (EOD included)."""
+    ends = np.cumsum(lengths + 1)
+    tokens = np.full(int(ends[-1]) if ends.size else 0, eod, dtype=np.uint32)
+    is_token = np.ones(tokens.size, dtype=bool)
+    is_token[ends - 1] = False
+    tokens[is_token] = values
+    return tokens, np.repeat(doc_ids.astype(np.uint32), lengths + 1)
+
+
+def _blocks(tokens: np.ndarray, doc_ids: np.ndarray, block: int, pad: int) -> np.ndarray:
+    """(samples, 2, block): the stream cut into blocks, the last one padded."""
+    n = -(-tokens.size // block)
+    tail = n * block - tokens.size
+    tokens_nb = np.pad(tokens, (0, tail), constant_values=pad).reshape(n, block)
+    docs_nb = np.pad(doc_ids, (0, tail), constant_values=PAD_DOC).reshape(n, block)
     return np.stack([tokens_nb, docs_nb], axis=1)
+
+
+class DocumentShardWriter:
+    """Packs a split's documents as they arrive, in order, into `block`-token samples
+    (as `pack_documents` does) and writes a shard each time `per_shard` samples are full,
+    so a corpus never has to fit in memory at once."""
+
+    def __init__(
+        self, out_dir: Path, split: str, block: int, per_shard: int, eod: int, pad: int
+    ) -> None:
+        self.out_dir, self.split = out_dir, split
+        self.block, self.per_shard, self.eod, self.pad = block, per_shard, eod, pad
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.pending_tokens = 0
+        self.entries: list[dict[str, Any]] = []
+        self.samples = 0
+
+    def add(self, doc_ids: np.ndarray, lengths: np.ndarray, values: np.ndarray) -> None:
+        if not doc_ids.size:
+            return
+        tokens, ids = join_documents(doc_ids, lengths, values, self.eod)
+        self.pending.append((tokens, ids))
+        self.pending_tokens += tokens.size
+        full = self.per_shard * self.block
+        if self.pending_tokens >= full:
+            tokens = np.concatenate([t for t, _ in self.pending])
+            ids = np.concatenate([d for _, d in self.pending])
+            cut = tokens.size - tokens.size % full
+            for start in range(0, cut, full):
+                self._write(tokens[start : start + full], ids[start : start + full])
+            self.pending = [(tokens[cut:], ids[cut:])]
+            self.pending_tokens = tokens.size - cut
+
+    def close(self) -> list[dict[str, Any]]:
+        """Write the last, partly filled shard (its last sample padded); the entries."""
+        if self.pending_tokens:
+            self._write(
+                np.concatenate([t for t, _ in self.pending]),
+                np.concatenate([d for _, d in self.pending]),
+            )
+        self.pending, self.pending_tokens = [], 0
+        return self.entries
+
+    def _write(self, tokens: np.ndarray, doc_ids: np.ndarray) -> None:
+        samples = _blocks(tokens, doc_ids, self.block, self.pad)
+        self.entries.append(write_shard(self.out_dir, self.split, len(self.entries), samples))
+        self.samples += len(samples)
 
 
 def pack_pairs(
@@ -79,6 +145,49 @@ def pack_pairs(
     return out
 
 
+class PairShardWriter:
+    """Collects a split's (source, target) pairs and, at close, groups them by length
+    (`pack_pairs`) and writes them as shards: grouping needs them all, and pairs are short."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        split: str,
+        max_source: int,
+        max_target: int,
+        per_shard: int,
+        specials: dict[str, int],
+    ) -> None:
+        self.out_dir, self.split, self.per_shard = out_dir, split, per_shard
+        self.max_source, self.max_target, self.specials = max_source, max_target, specials
+        self.items: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self.samples = 0
+
+    def add(
+        self,
+        doc_ids: np.ndarray,
+        lengths: np.ndarray,
+        values: np.ndarray,
+        target_lengths: np.ndarray,
+        target_values: np.ndarray,
+    ) -> None:
+        sources = np.split(values, np.cumsum(lengths)[:-1])
+        targets = np.split(target_values, np.cumsum(target_lengths)[:-1])
+        self.items += zip(doc_ids.tolist(), sources, targets, strict=True)
+
+    def close(self) -> list[dict[str, Any]]:
+        samples = pack_pairs(
+            self.items,
+            self.max_source,
+            self.max_target,
+            self.specials["eod"],
+            self.specials["pad"],
+            self.specials["bos"],
+        )
+        self.samples = len(samples)
+        return write_shards(self.out_dir, self.split, samples, self.per_shard)
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -96,21 +205,24 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_shard(out_dir: Path, split: str, index: int, samples: np.ndarray) -> dict[str, Any]:
+    """Write one shard atomically; its manifest entry."""
+    folder = out_dir / split
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"shard-{index:05d}.npy"
+    part = np.ascontiguousarray(samples)
+    _atomic_write(path, lambda f: np.save(f, part, allow_pickle=False))
+    return {"file": f"{split}/{path.name}", "samples": len(part), "sha256": sha256_file(path)}
+
+
 def write_shards(
     out_dir: Path, split: str, samples: np.ndarray, per_shard: int
 ) -> list[dict[str, Any]]:
     """Write `samples` as shards of `per_shard` rows; returns their manifest entries."""
-    folder = out_dir / split
-    folder.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for i, start in enumerate(range(0, len(samples), per_shard)):
-        path = folder / f"shard-{i:05d}.npy"
-        part = np.ascontiguousarray(samples[start : start + per_shard])
-        _atomic_write(path, lambda f, part=part: np.save(f, part, allow_pickle=False))
-        entries.append(
-            {"file": f"{split}/{path.name}", "samples": len(part), "sha256": sha256_file(path)}
-        )
-    return entries
+    return [
+        write_shard(out_dir, split, i, samples[start : start + per_shard])
+        for i, start in enumerate(range(0, len(samples), per_shard))
+    ]
 
 
 def write_json(path: Path, obj: Any) -> None:
