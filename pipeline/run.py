@@ -70,7 +70,11 @@ def data_dir(spec: JobSpec) -> Path:
 
 
 def run_preprocess(
-    spec: JobSpec, show: Any, parallelism: int = 2, nested: bool = False, log_cached: bool = True
+    spec: JobSpec,
+    show: Any,
+    parallelism: int | None = None,
+    nested: bool = False,
+    log_cached: bool = True,
 ) -> dict[str, Any]:
     """Preprocess the job's data (a cache hit when its fingerprint matches the output) and
     log the run to MLflow; `log_cached=False` logs nothing for a cache hit."""

@@ -102,8 +102,9 @@ def is_validation(digest: str, val_fraction: float) -> bool:
 
 # ------------------------------------------------------------------ the fused Ray Data stage
 
-# Tokenizers by their JSON's digest: a worker process loads each once and keeps it for
-# every later task (the state an actor would hold, without starting an actor per run).
+# The tokenizer of the current run, by its JSON's digest: a worker process loads it once
+# and keeps it for its later tasks (the state an actor would hold, without starting
+# actors for every run: 2+ s on a 2-core machine). Only the latest one is kept.
 _TOKENIZERS: dict[str, Any] = {}
 
 
@@ -117,6 +118,7 @@ def _tokenizer(tokenizer_json: str, digest: str) -> Any:
         os.environ["RAYON_NUM_THREADS"] = "1"
         from tokenizers import Tokenizer
 
+        _TOKENIZERS.clear()
         tok = _TOKENIZERS[digest] = Tokenizer.from_str(tokenizer_json)
     return tok
 
@@ -149,7 +151,8 @@ def clean_and_encode(
         if column not in batch:
             continue
         texts = [batch[column][i] for i in stay]
-        encoded = tok.encode_batch(texts, add_special_tokens=False) if texts else []
+        # ids only: the fast variant skips the character offsets (8% less time here)
+        encoded = tok.encode_batch_fast(texts, add_special_tokens=False) if texts else []
         ids = [np.asarray(e.ids, dtype=np.uint32) for e in encoded]
         lengths = np.zeros(len(batch["text"]), dtype=np.int32)
         lengths[stay] = [a.size for a in ids]
