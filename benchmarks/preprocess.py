@@ -79,7 +79,7 @@ def run_datasets_baseline(corpus: Path, tokenizer: Path, procs: int) -> dict[str
     def encode_and_pack(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
         tok = Tokenizer.from_str(tok_json)
         eod = tok.token_to_id("<|endoftext|>")
-        encoded = tok.encode_batch(batch["text"], add_special_tokens=False)
+        encoded = tok.encode_batch_fast(batch["text"], add_special_tokens=False)  # as attnpipe
         flat = np.concatenate([np.append(np.asarray(e.ids, dtype=np.uint32), eod) for e in encoded])
         n = -(-flat.size // 257)
         blocks = np.pad(flat, (0, n * 257 - flat.size)).reshape(n, 257)
