@@ -305,6 +305,33 @@ def test_sources_blend_by_weight(ray_local, tmp_path):
     assert again["splits"] == manifest["splits"]
 
 
+def test_a_streamed_source_gives_the_same_shards(ray_local, tmp_path, monkeypatch):
+    import pipeline.data.preprocess as prep
+
+    monkeypatch.setattr(prep, "STREAM_BLOCK_BYTES", 2000)  # many blocks, several windows
+    monkeypatch.setattr(prep, "WINDOW_BLOCKS", 2)
+    path = tmp_path / "c.jsonl"
+    rows = [{"body": f"text number {i} " * (i % 7 + 1)} for i in range(400)] + [{"body": "x"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifests = [
+        prep.preprocess(
+            DataNode(
+                sources=[SourceNode(kind="files", path=str(path), text_column="body", streaming=s)],
+                seq_len=32,
+                samples_per_shard=16,
+                min_chars=2,
+            ),
+            tmp_path / f"out-{s}",
+            vocab_size=300,
+            progress=lambda m: None,
+        )
+        for s in (False, True)
+    ]
+    assert manifests[0]["splits"] == manifests[1]["splits"]
+    assert manifests[1]["counts"]["documents_in"] == 401
+    assert manifests[1]["counts"]["dropped"]["too_short"] == 1
+
+
 def test_pipeline_on_paired_demo_style_data(ray_local, tmp_path):
     from pipeline.data.preprocess import preprocess
 
