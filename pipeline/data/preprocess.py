@@ -107,16 +107,16 @@ class _Consumer:
     numbers the documents, counts drops, deduplicates by content hash, splits by hash,
     blends by weight and hands each document to its split's shard writer."""
 
-    def __init__(self, data: DataNode, writers: dict[str, Any]) -> None:
-        self.data, self.writers = data, writers
+    def __init__(self, data: DataNode, writers: dict[str, Any], spill: Path) -> None:
+        self.data, self.writers, self.spill = data, writers, spill
         self.documents_in = 0
         self.dropped = {reason: 0 for reason in stages.FILTER_REASONS} | {"duplicate": 0}
         self.tokens = 0
         self.documents = {"train": 0, "val": 0}
         self.seen: set[bytes] = set()
-        # the later passes over sources of weight above 1, written after the first pass
-        # (held in memory until then: their tokens, once per extra pass)
-        self.later: dict[tuple[int, str], list[tuple[Any, ...]]] = {}
+        # the later passes over sources of weight above 1, written after the first pass;
+        # their documents wait in .npz files under `spill`, not in memory
+        self.later: dict[tuple[int, str], list[Path]] = {}
 
     def take(self, table: Any, source: int) -> None:
         n = table.num_rows
@@ -162,12 +162,17 @@ class _Consumer:
                 if copy == 0:
                     self.writers[split].add(*item)
                 else:
-                    self.later.setdefault((copy, split), []).append(item)
+                    files = self.later.setdefault((copy, split), [])
+                    files.append(self.spill / f"pass{copy}-{split}-{len(files):06d}.npz")
+                    self.spill.mkdir(exist_ok=True)
+                    np.savez(files[-1], *item)
 
     def close(self) -> dict[str, list[dict[str, Any]]]:
         for copy, split in sorted(self.later):
-            for item in self.later[(copy, split)]:
-                self.writers[split].add(*item)
+            for path in self.later[(copy, split)]:
+                with np.load(path) as item:
+                    self.writers[split].add(*(item[f"arr_{j}"] for j in range(len(item.files))))
+                path.unlink()
         return {split: writer.close() for split, writer in self.writers.items()}
 
 
@@ -236,7 +241,7 @@ def preprocess(
         tok = _tokenizer(data, sources, paired, vocab_size, progress)
         tok.save(str(staging / "tokenizer.json"))
         specials = special_ids(tok)
-        consumer = _Consumer(data, _writers(data, staging, paired, specials))
+        consumer = _Consumer(data, _writers(data, staging, paired, specials), staging / "passes")
         tokenize = {
             "tokenizer_json": tok.to_str(),
             "tokenizer_digest": tokenizer_hash(tok),
