@@ -49,12 +49,13 @@ from pipeline.errors import DataError
 Progress = Callable[[str], None]
 
 
-def fingerprint(data: DataNode, vocab_size: int, paired: bool) -> str:
-    """What the output depends on: the resolved data config and what the sources hold."""
+def fingerprint(data: DataNode, vocab_size: int, paired: bool, sources: list[str]) -> str:
+    """What the output depends on: the resolved data config and what the sources hold
+    (`sources`: their `source_fingerprint`s)."""
     h = hashlib.sha256(f"v{FORMAT_VERSION}|{vocab_size}|{paired}|".encode())
     h.update(data.model_dump_json().encode())
-    for source in data.sources:
-        h.update(source_fingerprint(source).encode())
+    for source in sources:
+        h.update(source.encode())
     return h.hexdigest()
 
 
@@ -200,7 +201,8 @@ def preprocess(
     import ray
 
     out = Path(out_dir)
-    fp = fingerprint(data, vocab_size, paired)
+    source_fps = [source_fingerprint(s) for s in data.sources]  # reads every source file
+    fp = fingerprint(data, vocab_size, paired, source_fps)
     if (out / "manifest.json").is_file():
         try:
             manifest = read_manifest(out)
@@ -241,10 +243,11 @@ def preprocess(
         tok = _tokenizer(data, sources, paired, vocab_size, progress)
         tok.save(str(staging / "tokenizer.json"))
         specials = special_ids(tok)
+        tok_digest = tokenizer_hash(tok)
         consumer = _Consumer(data, _writers(data, staging, paired, specials), staging / "passes")
         tokenize = {
             "tokenizer_json": tok.to_str(),
-            "tokenizer_digest": tokenizer_hash(tok),
+            "tokenizer_digest": tok_digest,
             "min_chars": data.min_chars,
             "max_chars": data.max_chars,
         }
@@ -298,10 +301,10 @@ def preprocess(
         "max_target_len": data.max_target_len or data.seq_len if paired else None,
         "vocab_size": tok.get_vocab_size(),
         "special_ids": specials,
-        "tokenizer_sha256": tokenizer_hash(tok),
+        "tokenizer_sha256": tok_digest,
         "sources": [
-            {**s.model_dump(mode="json"), "fingerprint": source_fingerprint(s)}
-            for s in data.sources
+            {**s.model_dump(mode="json"), "fingerprint": f}
+            for s, f in zip(data.sources, source_fps, strict=True)
         ],
         "config": json.loads(data.model_dump_json()),
         "counts": {
