@@ -414,6 +414,23 @@ class StorageNode(_Node):
         min_length=1,
         description="Folder for data shards, runs, checkpoints and the local MLflow store",
     )
+    data: str | None = Field(
+        None,
+        min_length=1,
+        description="Where preprocessed data lives, `<data>/<job name>`: a folder, or a URI "
+        "(s3://bucket/prefix, gs://bucket/prefix) that every node of a cluster reads; "
+        "credentials come from the environment. Default: `<work_dir>/data`",
+    )
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, v: str | None) -> str | None:
+        from pipeline.data.remote import check_uri, is_uri
+
+        reason = check_uri(v) if v is not None and is_uri(v) else ""
+        if reason:
+            raise ValueError(f"{v}: {reason}")
+        return v
 
 
 class ScheduleNode(_Node):

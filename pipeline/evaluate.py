@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from pipeline.data.reader import ShardReader
+from pipeline.data.remote import local_copy
 from pipeline.data.shards import read_manifest
 from pipeline.train.objectives import Objective
 
@@ -28,6 +29,7 @@ def evaluate_model(
     from models.pretrained import load_config, load_pretrained
 
     model = load_pretrained(model_dir)
+    data_dir = local_copy(data_dir)  # a URI: this node's mirror of it
     manifest = read_manifest(data_dir)
     family = load_config(model_dir)["model"]["family"]
     objective = Objective(

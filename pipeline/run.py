@@ -65,8 +65,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def data_dir(spec: JobSpec) -> Path:
-    return Path(spec.storage.work_dir) / "data" / spec.job.name
+def data_dir(spec: JobSpec) -> Path | str:
+    """The job's preprocessed data: a local folder, or a URI (`storage.data`)."""
+    from pipeline.data.remote import is_uri, join
+
+    base = spec.storage.data
+    if base is not None and is_uri(base):
+        return join(base, spec.job.name)
+    return Path(base or Path(spec.storage.work_dir) / "data") / spec.job.name
 
 
 def run_preprocess(

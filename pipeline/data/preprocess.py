@@ -8,7 +8,8 @@ deduplicates on the content hashes the workers computed (the first occurrence st
 splits by hash and streams each split into its shard writer, so the corpus never has to
 fit in memory. The output depends only on the sources and the config, never on the
 parallelism. A run whose fingerprint matches the manifest already in the output folder is
-a cache hit and does nothing.
+a cache hit and does nothing. An output URI (s3://, gs://) is written in a local mirror
+folder, then uploaded (pipeline.data.remote).
 
 A tokenizer to train is trained first, on the driver, from the first documents that pass
 the filters and deduplication (normalized the same way), so that the corpus is read once.
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import DataNode
+from pipeline.data import remote
 from pipeline.data import text as stages
 from pipeline.data.shards import (
     FORMAT_VERSION,
@@ -195,22 +197,57 @@ def preprocess(
     parallelism: int | None = None,
     progress: Progress = print,
 ) -> dict[str, Any]:
-    """Run the pipeline into `out_dir` and return its manifest (with `cache_hit`).
+    """Run the pipeline into `out_dir`, a folder or a URI (s3://, gs://), and return its
+    manifest (with `cache_hit`).
 
     `parallelism`: the CPUs to tokenize on (default: all of the Ray cluster's)."""
-    import ray
-
-    out = Path(out_dir)
+    uri = str(out_dir) if remote.is_uri(out_dir) else None
+    out = remote.mirror_dir(uri) if uri else Path(out_dir)
     source_fps = [source_fingerprint(s) for s in data.sources]  # reads every source file
     fp = fingerprint(data, vocab_size, paired, source_fps)
-    if (out / "manifest.json").is_file():
-        try:
-            manifest = read_manifest(out)
-        except DataError:
-            manifest = {}
-        if manifest.get("fingerprint") == fp:
+    if uri is None:
+        manifest = _holding(out, fp)
+        if manifest:
             progress(f"cache hit: {out} already holds this data ({fp[:12]})")
             return {**manifest, "cache_hit": True}
+        return _run(data, out, fp, source_fps, vocab_size, paired, parallelism, progress)
+    manifest = remote.read_remote_manifest(uri)
+    if manifest and manifest.get("fingerprint") == fp:
+        progress(f"cache hit: {uri} already holds this data ({fp[:12]})")
+        return {**manifest, "cache_hit": True}
+    # An earlier run whose upload failed left the output complete in the mirror: upload it.
+    manifest = _holding(out, fp) or _run(
+        data, out, fp, source_fps, vocab_size, paired, parallelism, progress
+    )
+    progress(f"uploading to {uri}")
+    remote.upload(out, uri, manifest)
+    progress(f"wrote {uri}")
+    return {**manifest, "cache_hit": False}
+
+
+def _holding(out: Path, fp: str) -> dict[str, Any] | None:
+    """The manifest of the complete output in `out` when its fingerprint is `fp`."""
+    if not (out / "manifest.json").is_file():
+        return None
+    try:
+        manifest = read_manifest(out)
+    except DataError:
+        return None
+    return manifest if manifest.get("fingerprint") == fp else None
+
+
+def _run(
+    data: DataNode,
+    out: Path,
+    fp: str,
+    source_fps: list[str],
+    vocab_size: int,
+    paired: bool,
+    parallelism: int | None,
+    progress: Progress,
+) -> dict[str, Any]:
+    import ray
+
     started = time.perf_counter()
     cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     parallelism = parallelism or cluster_cpus

@@ -41,7 +41,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def log_preprocess(
     manifest: dict[str, Any],
-    out_dir: Path,
+    out_dir: Path | str,
     data_config: dict[str, Any],
     run_name: str,
     uri: str,
@@ -81,7 +81,7 @@ def log_preprocess(
         return run.info.run_id
 
 
-def log_dataset(data_dir: Path, fingerprint: str, name: str, context: str) -> None:
+def log_dataset(data_dir: Path | str, fingerprint: str, name: str, context: str) -> None:
     """A preprocessed output as an MLflow dataset input of the active run. Its digest is the
     output's fingerprint, so the preprocessing run and the training runs that read the same
     shards name the same dataset."""
@@ -89,9 +89,12 @@ def log_dataset(data_dir: Path, fingerprint: str, name: str, context: str) -> No
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
+    from pipeline.data.remote import is_uri
+
+    location = str(data_dir) if is_uri(data_dir) else str(Path(data_dir).resolve())
     with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local path
         warnings.simplefilter("ignore", UserWarning)
-        source = resolve_dataset_source(str(Path(data_dir).resolve()))
+        source = resolve_dataset_source(location)
     dataset = MetaDataset(source=source, name=name, digest=fingerprint[:36])
     mlflow.log_input(dataset, context=context)
 

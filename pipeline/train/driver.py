@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import JobSpec
+from pipeline.data.remote import is_uri, local_copy
 from pipeline.data.shards import read_manifest
 from pipeline.errors import UserError
 from pipeline.train.checkpoint import latest_complete, read_meta, resolve_resume
@@ -90,7 +91,7 @@ def read_events(run_dir: Path) -> list[dict[str, Any]]:
 
 def run_train(
     spec: JobSpec,
-    data_dir: Path,
+    data_dir: Path | str,
     uri: str,
     *,
     resume_from: str | None = None,
@@ -108,7 +109,7 @@ def run_train(
     from pipeline.tracking import flatten, log_dataset, use_experiment
 
     resume = preflight(spec, resume_from, uri)
-    manifest = read_manifest(data_dir)
+    manifest = read_manifest(local_copy(data_dir))  # a URI: this node's mirror of it
     r, t = spec.resources, spec.training
     storage = (Path(spec.storage.work_dir) / "runs").resolve()
     name = f"{spec.job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -145,7 +146,7 @@ def run_train(
         progress(f"MLflow run {run.info.run_id}; checkpoints in {run_dir}")
         config = WorkerConfig(
             spec=resolved,
-            data_dir=str(Path(data_dir).resolve()),
+            data_dir=str(data_dir) if is_uri(data_dir) else str(Path(data_dir).resolve()),
             run_dir=str(run_dir),
             tracking_uri=uri,
             mlflow_run_id=run.info.run_id,

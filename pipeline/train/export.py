@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from pipeline.config import validate_spec
+from pipeline.data.remote import local_file
 from pipeline.errors import UserError
 from pipeline.train.checkpoint import DS_TAG, read_meta, resolve_resume
 
@@ -60,7 +61,7 @@ def export(target: str, out: str | Path, tracking_uri: str | None = None) -> dic
                 "source_checkpoint": str(folder),
             },
         )
-        tokenizer = Path(meta.get("data_dir", "")) / TOKENIZER
+        tokenizer = local_file(meta.get("data_dir", ""), TOKENIZER)
         if tokenizer.is_file():
             shutil.copy2(tokenizer, staging / TOKENIZER)
         if out.exists():

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from pipeline.config import JobSpec, validate_spec
 from pipeline.data.reader import ShardReader
+from pipeline.data.remote import local_copy
 from pipeline.data.shards import read_manifest
 from pipeline.train.checkpoint import (
     DS_TAG,
@@ -95,7 +96,8 @@ class Worker:
         self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(self.spec.resources.cpus_per_worker)))
-        self.manifest = read_manifest(cfg.data_dir)
+        self.data_dir = local_copy(cfg.data_dir)  # a URI: this node's mirror of it
+        self.manifest = read_manifest(self.data_dir)
         self.events = Path(cfg.run_dir) / "events.jsonl"
         self.metrics = None
 
@@ -134,7 +136,7 @@ class Worker:
             self.engine.enable_backward_allreduce = False
         self.accum = self.engine.gradient_accumulation_steps()
         self.reader = ShardReader(
-            self.cfg.data_dir, "train", seed=t.seed, rank=self.rank, world_size=self.world
+            self.data_dir, "train", seed=t.seed, rank=self.rank, world_size=self.world
         )
         self.objective = Objective(
             family=spec.model.family,
@@ -272,7 +274,7 @@ class Worker:
         validation split (the same samples at every evaluation), summed over ranks."""
         t = self.spec.training
         reader = ShardReader(
-            self.cfg.data_dir,
+            self.data_dir,
             "val",
             seed=t.seed,
             rank=self.rank,
@@ -307,7 +309,7 @@ class Worker:
         track, family = self.spec.tracking, self.spec.model.family
         if track.heatmap_tokens == 0:
             return
-        reader = ShardReader(self.cfg.data_dir, "val", shuffle=False, verify=False)
+        reader = ShardReader(self.data_dir, "val", shuffle=False, verify=False)
         row = reader.sample(0)[0]
         n = track.heatmap_tokens
         if family == "encoder_decoder":
@@ -326,7 +328,7 @@ class Worker:
         out = Path(self.cfg.run_dir) / "heatmaps" / f"step-{step:08d}"
         if self.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            labels = token_labels(Path(self.cfg.data_dir), row[:n].tolist())
+            labels = token_labels(self.data_dir, row[:n].tolist())
             attention_heatmaps(model, inputs, labels, out, layers, heads, stack)
         else:  # the same forward pass, for the collectives of a partitioned model
             from models.maps import attention_maps

@@ -1,0 +1,260 @@
+"""Preprocessed data in object storage: preprocessing writes to s3:// and training reads it,
+against a real S3-compatible server process (tests/s3_server.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+from corpus import write_corpus
+from s3_server import s3_server
+
+from pipeline.config import DataNode, SourceNode
+from pipeline.data import remote
+from pipeline.data.reader import ShardReader
+from pipeline.errors import DataError
+
+ROOT = Path(__file__).resolve().parent.parent
+ATTNPIPE = str(Path(sys.executable).parent / "attnpipe")
+BUCKET = "attnpipe-test"
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    with s3_server(BUCKET) as env:
+        yield env
+
+
+@pytest.fixture
+def s3(s3_env, monkeypatch, tmp_path):
+    """The server's environment in this process, and a mirror cache of the test's own."""
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("ATTNPIPE_CACHE", str(tmp_path / "cache"))
+    fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}")
+    return fs
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def data_node(glob: str) -> DataNode:
+    return DataNode(
+        sources=[SourceNode(kind="files", path=glob)],
+        seq_len=32,
+        min_chars=5,
+        samples_per_shard=16,
+        val_fraction=0.1,
+    )
+
+
+def preprocess(node: DataNode, out: str | Path, messages: list[str] | None = None):
+    from pipeline.data.preprocess import preprocess as run
+
+    log = messages.append if messages is not None else lambda m: None
+    return run(node, out, vocab_size=300, parallelism=2, progress=log)
+
+
+def objects(fs, prefix: str) -> dict[str, bytes]:
+    """Every object under `prefix`, by its path below it."""
+    infos = fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True))
+    out = {}
+    for info in infos:
+        if info.type == pafs.FileType.File:
+            with fs.open_input_stream(info.path) as f:
+                out[info.path.removeprefix(f"{BUCKET}/{prefix}/")] = f.read()
+    return out
+
+
+def shutil_rm(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_preprocess_to_s3_gives_the_local_output_and_training_reads_it_back(
+    s3, ray_local, tmp_path
+):
+    node = data_node(write_corpus(tmp_path / "corpus"))
+    local = preprocess(node, tmp_path / "local")
+    uri = f"s3://{BUCKET}/data/demo"
+    messages: list[str] = []
+    up = preprocess(node, uri, messages)
+    assert not up["cache_hit"] and up["fingerprint"] == local["fingerprint"]
+    assert f"wrote {uri}" in messages
+
+    stored = objects(s3, "data/demo")
+    folder = tmp_path / "local"
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert sorted(stored) == files  # manifest, tokenizer and every shard; nothing else
+    for name in files:
+        if name != "manifest.json":
+            assert stored[name] == (tmp_path / "local" / name).read_bytes(), name
+    assert json.loads(stored["manifest.json"])["splits"] == local["splits"]
+
+    # a second run is a cache hit read from the bucket, not from this machine's mirror
+    shutil_rm(remote.mirror_dir(uri))
+    assert preprocess(node, uri)["cache_hit"]
+
+    # a machine that never saw the data: its mirror is made from the bucket, then reused
+    mirror = remote.local_copy(uri)
+    assert mirror == remote.mirror_dir(uri) and mirror.is_relative_to(tmp_path / "cache")
+    a = ShardReader(mirror, seed=3).next_batch(4)
+    b = ShardReader(tmp_path / "local", seed=3).next_batch(4)
+    np.testing.assert_array_equal(a, b)
+    before = {p: p.stat().st_mtime_ns for p in mirror.rglob("*.npy")}
+    assert remote.local_copy(uri) == mirror
+    assert {p: p.stat().st_mtime_ns for p in mirror.rglob("*.npy")} == before  # no download
+
+
+def test_a_corrupt_remote_shard_is_named_and_never_read(s3, ray_local, tmp_path):
+    node = data_node(write_corpus(tmp_path / "corpus", n=40))
+    uri = f"s3://{BUCKET}/data/corrupt"
+    manifest = preprocess(node, uri)
+    shutil_rm(remote.mirror_dir(uri))
+    shard = manifest["splits"]["train"]["shards"][0]["file"]
+    with s3.open_output_stream(f"{BUCKET}/data/corrupt/{shard}") as f:
+        f.write(b"not a shard")
+    with pytest.raises(DataError, match=f"{uri}/{shard}: shard is corrupt or truncated"):
+        remote.local_copy(uri)
+    assert not (remote.mirror_dir(uri) / shard).exists()
+    assert not (remote.mirror_dir(uri) / "manifest.json").exists()
+
+
+def test_an_upload_cut_short_leaves_no_manifest_and_the_next_run_only_uploads(
+    s3, ray_local, tmp_path, monkeypatch
+):
+    first = data_node(write_corpus(tmp_path / "a", n=60))
+    uri = f"s3://{BUCKET}/data/cut"
+    old = preprocess(first, uri)
+    second = data_node(write_corpus(tmp_path / "b", n=200))  # more documents, more shards
+
+    put = remote._put
+    calls = []
+
+    def failing_put(fs, source, path):  # the connection drops after two files
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError("connection reset by peer")
+        put(fs, source, path)
+
+    monkeypatch.setattr(remote, "_put", failing_put)
+    with pytest.raises(DataError, match=f"{uri}: cannot upload: connection reset by peer"):
+        preprocess(second, uri)
+    # the old manifest went first: no reader takes a mix of the two runs for an output
+    assert "manifest.json" not in objects(s3, "data/cut")
+    with pytest.raises(DataError, match="no manifest"):
+        remote.local_copy(uri)
+
+    monkeypatch.setattr(remote, "_put", put)
+    messages: list[str] = []
+    new = preprocess(second, uri, messages)  # the mirror holds the finished run: upload only
+    assert not any("tokenizing" in m for m in messages) and f"wrote {uri}" in messages
+    stored = objects(s3, "data/cut")
+    listed = {e["file"] for s in new["splits"].values() for e in s["shards"]}
+    assert set(stored) == listed | {"manifest.json", "tokenizer.json"}
+    assert len(listed) > sum(len(s["shards"]) for s in old["splits"].values())
+    assert json.loads(stored["manifest.json"])["fingerprint"] == new["fingerprint"]
+
+
+def test_unreachable_or_unfit_uris_are_one_line(s3, monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(DataError, match=r"^s3://attnpipe-test/x: cannot read the manifest: "):
+        remote.read_remote_manifest("s3://attnpipe-test/x")
+    for uri, reason in [
+        ("ftp://host/data", "scheme 'ftp' is not supported"),
+        ("s3:///data", "names no bucket"),
+        ("s3://key:secret@bucket/data", "holds credentials"),
+        ("s3://bucket/data?secret_key=abc", "holds credentials"),
+    ]:
+        with pytest.raises(DataError, match=reason):
+            remote.local_copy(uri)
+
+
+def test_storage_data_uri_is_checked_with_the_spec(tmp_path):
+    result = subprocess.run(
+        [
+            ATTNPIPE,
+            "validate",
+            "jobs/decoder-tiny.yaml",
+            "storage.data=s3://AKIA:topsecret@bucket/data",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "storage.data" in lines[0] and "holds credentials" in lines[0]
+
+
+def test_jobs_on_s3_data_preprocess_train_and_export_on_different_machines(s3, tmp_path):
+    """`storage.data` in the bucket: a preprocess job uploads; a train job on a machine that
+    holds nothing (a cache of its own) finds the data there, and its Ray Train workers read
+    that machine's mirror; `attnpipe export` on a third fetches the tokenizer."""
+    from pipeline.tracking import tracking_uri
+
+    corpus = write_corpus(tmp_path / "corpus")
+    spec = [
+        f"storage.work_dir={tmp_path / 'work'}",
+        f"storage.data=s3://{BUCKET}/jobs",
+        "data.seq_len=32",
+        "data.tokenizer.vocab_size=300",
+        "data.sources.0.kind=files",
+        f"data.sources.0.path={corpus}",
+        "data.min_chars=5",
+        "training.steps=2",
+        "training.lr_schedule.warmup_steps=1",
+        "training.checkpoint_interval=2",
+        "training.eval_interval=2",
+        "tracking.system_metrics=false",
+    ]
+
+    def attnpipe(*args: str, machine: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "ATTNPIPE_CACHE": str(tmp_path / machine)}
+        return subprocess.run(
+            [ATTNPIPE, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
+        )
+
+    uri = f"s3://{BUCKET}/jobs/decoder-tiny"
+    prep = attnpipe("run", "jobs/decoder-tiny.yaml", "job.kind=preprocess", *spec, machine="a")
+    assert prep.returncode == 0, prep.stderr[-3000:]
+    assert f"wrote {uri}" in prep.stderr
+    assert not (tmp_path / "work" / "data").exists()  # the data lives in the bucket
+
+    run = attnpipe("run", "jobs/decoder-tiny.yaml", "job.kind=train", *spec, machine="b")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"cache hit: {uri}" in run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["metrics"]["step"] == 2
+    mirror = tmp_path / "b" / "remote" / "s3" / BUCKET / "jobs" / "decoder-tiny"
+    stored = objects(s3, "jobs/decoder-tiny")
+    assert (mirror / "manifest.json").read_bytes() == stored["manifest.json"]
+    import mlflow
+
+    store = tracking_uri(None, tmp_path / "work")
+    mlflow.set_tracking_uri(store)
+    train_run = mlflow.get_run(summary["mlflow_run_id"])
+    sources = [json.loads(d.dataset.source) for d in train_run.inputs.dataset_inputs]
+    assert [s.get("uri") for s in sources] == [uri]
+
+    out = tmp_path / "exported"
+    export = attnpipe(
+        "export", summary["mlflow_run_id"], "--out", str(out), "--tracking-uri", store, machine="c"
+    )
+    assert export.returncode == 0, export.stderr[-2000:]
+    assert (out / "tokenizer.json").read_bytes() == stored["tokenizer.json"]
