@@ -59,7 +59,7 @@ class SourceNode(_Node):
     config: str | None = Field(None, description="Hub dataset configuration (kind: hub)")
     split: str = Field("train", description="Hub dataset split to read (kind: hub)")
     path: str | None = Field(
-        None, description="Local file path or glob, `**` recursive (kind: files); no URIs yet"
+        None, description="File path or glob, `**` recursive, local or s3:// / gs:// (kind: files)"
     )
     format: Literal["text", "json", "jsonl", "parquet", "csv"] | None = Field(
         None,

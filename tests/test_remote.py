@@ -169,6 +169,33 @@ def test_an_upload_cut_short_leaves_no_manifest_and_the_next_run_only_uploads(
     assert json.loads(stored["manifest.json"])["fingerprint"] == new["fingerprint"]
 
 
+def test_a_source_in_the_bucket_gives_the_shards_of_the_same_files_read_locally(
+    s3, ray_local, tmp_path
+):
+    folder = tmp_path / "corpus"
+    glob = write_corpus(folder, n=50)
+    for path in sorted(folder.iterdir()):
+        with s3.open_output_stream(f"{BUCKET}/corpus/part/{path.name}") as f:
+            f.write(path.read_bytes())
+    with s3.open_output_stream(f"{BUCKET}/corpus/part/notes.md") as f:
+        f.write(b"not matched by the glob")
+    local = preprocess(data_node(glob), tmp_path / "local")
+    fetched = preprocess(data_node(f"s3://{BUCKET}/corpus/**/*.txt"), tmp_path / "remote")
+
+    def shards(manifest):
+        return [(e["file"], e["sha256"]) for s in manifest["splits"].values() for e in s["shards"]]
+
+    assert shards(fetched) == shards(local) and fetched["counts"] == local["counts"]
+    # unchanged objects are not fetched again, and a second run is a cache hit
+    copies = sorted(remote.mirror_dir(f"s3://{BUCKET}/corpus/part").iterdir())
+    assert [p.name for p in copies] == sorted(p.name for p in folder.iterdir())
+    before = [p.stat().st_ino for p in copies]
+    assert preprocess(data_node(f"s3://{BUCKET}/corpus/**/*.txt"), tmp_path / "remote")["cache_hit"]
+    assert [p.stat().st_ino for p in copies] == before
+    with pytest.raises(DataError, match=f"s3://{BUCKET}/corpus/none-\\*.txt: no such file"):
+        preprocess(data_node(f"s3://{BUCKET}/corpus/none-*.txt"), tmp_path / "none")
+
+
 def test_unreachable_or_unfit_uris_are_one_line(s3, monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")

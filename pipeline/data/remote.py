@@ -17,6 +17,7 @@ never from the URI, which is logged.
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import json
 import os
 import shutil
@@ -203,6 +204,40 @@ def local_file(data_dir: str | Path, name: str) -> Path:
         except Exception as exc:
             raise _fail(str(data_dir), f"download {name}", exc) from None
     return target
+
+
+def fetch_files(pattern: str) -> list[tuple[str, Path]]:
+    """(URI, local copy) of every object a URI or glob (`*`, `?`, `**`) names, in URI
+    order; an object is downloaded again only when its size or time changed."""
+    import pyarrow.fs as pafs
+
+    fs, path = _filesystem(pattern)
+    scheme = urlsplit(pattern).scheme
+    parts = path.split("/")
+    fixed = next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), len(parts))
+    try:
+        if fixed == len(parts):  # no glob: one object
+            infos = [fs.get_file_info(path)]
+        else:
+            base = "/".join(parts[:fixed])
+            infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+            infos = [i for i in infos if fnmatch.fnmatchcase(i.path, path)]
+    except Exception as exc:
+        raise _fail(pattern, "list", exc) from None
+    out = []
+    for info in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
+        uri = f"{scheme}://{info.path}"
+        local = mirror_dir(uri)
+        stamp = (info.size, info.mtime_ns)
+        if not local.is_file() or (local.stat().st_size, local.stat().st_mtime_ns) != stamp:
+            try:
+                _get(fs, info.path, local)
+            except Exception as exc:
+                raise _fail(uri, "download", exc) from None
+            if info.mtime_ns is not None:
+                os.utime(local, ns=(info.mtime_ns, info.mtime_ns))
+        out.append((uri, local))
+    return out
 
 
 def _get(fs: Any, path: str, target: Path) -> None:

@@ -1,5 +1,6 @@
 """Text sources, through Hugging Face `datasets`: the bundled demo corpus, a hub dataset by
-name, or local files by path or glob (text, json/jsonl, parquet, csv).
+name, or files by path or glob (text, json/jsonl, parquet, csv), local or in object storage
+(s3://, gs://: fetched into a local mirror first).
 
 Every source becomes a `datasets.Dataset` (or, when streaming, an `IterableDataset`) with a
 `text` column, and `target` for paired (sequence-to-sequence) data.
@@ -19,6 +20,7 @@ from typing import Any
 import datasets
 
 from pipeline.config import SourceNode
+from pipeline.data.remote import fetch_files, is_uri
 from pipeline.data.shards import sha256_file
 from pipeline.errors import DataError
 
@@ -96,18 +98,30 @@ def _load_hub(source: SourceNode) -> Any:
         raise DataError(f"hub dataset {source.name!r}: cannot load: {first}") from None
 
 
+def source_files(source: SourceNode) -> list[tuple[str, Path]]:
+    """(name, local path) of each file a `files` source names, in name order: a local path
+    or glob, or an s3:// / gs:// URI or glob, whose objects are fetched into the local
+    mirror (pipeline.data.remote)."""
+    assert source.path is not None
+    if is_uri(source.path):
+        found = fetch_files(source.path)
+    else:
+        names = sorted(globlib.glob(source.path, recursive=True)) or (
+            [source.path] if Path(source.path).is_file() else []
+        )
+        found = [(name, Path(name)) for name in names]
+    if not found:
+        raise DataError(f"{source.path}: no such file")
+    return found
+
+
 def _load_files(source: SourceNode) -> Any:
     assert source.path is not None
-    if "://" in source.path:
-        raise DataError(f"{source.path}: remote paths are not supported yet; copy it locally")
-    files = sorted(globlib.glob(source.path, recursive=True)) or (
-        [source.path] if Path(source.path).is_file() else []
-    )
-    if not files:
-        raise DataError(f"{source.path}: no such file")
-    fmt = source.format or FORMATS.get(Path(files[0]).suffix.lower())
+    found = source_files(source)
+    files = [str(local) for _, local in found]
+    fmt = source.format or FORMATS.get(Path(found[0][0]).suffix.lower())
     if fmt is None:
-        raise DataError(f"{files[0]}: unknown format; set data.sources[].format")
+        raise DataError(f"{found[0][0]}: unknown format; set data.sources[].format")
     if fmt == "text":
         return _text_files(files)
     fmt = "json" if fmt == "jsonl" else fmt
@@ -166,8 +180,8 @@ def source_fingerprint(source: SourceNode) -> str:
         for title, markdown in demo_plays():
             h.update(title.encode())
             h.update(hashlib.sha256(markdown.encode()).digest())
-    elif source.kind == "files" and source.path and "://" not in source.path:
-        for path in sorted(globlib.glob(source.path, recursive=True)):
-            h.update(path.encode())
-            h.update(sha256_file(Path(path)).encode())
+    elif source.kind == "files" and source.path:
+        for name, local in source_files(source):
+            h.update(name.encode())
+            h.update(sha256_file(local).encode())
     return h.hexdigest()
