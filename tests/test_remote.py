@@ -1,5 +1,6 @@
-"""Preprocessed data in object storage: preprocessing writes to s3:// and training reads it,
-against a real S3-compatible server process (tests/s3_server.py)."""
+"""Preprocessed data in object storage: preprocessing writes to s3:// or gs:// and training
+reads it, against real server processes (tests/object_stores.py: moto's S3-compatible
+server, a Google Cloud Storage emulator)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 from corpus import write_corpus
-from s3_server import s3_server
+from object_stores import gcs_server, s3_server
 
 from pipeline.config import DataNode, SourceNode
 from pipeline.data import remote
@@ -31,6 +32,12 @@ def s3_env():
         yield env
 
 
+@pytest.fixture(scope="module")
+def gcs_env():
+    with gcs_server(BUCKET) as env:
+        yield env
+
+
 @pytest.fixture
 def s3(s3_env, monkeypatch, tmp_path):
     """The server's environment in this process, and a mirror cache of the test's own."""
@@ -39,6 +46,17 @@ def s3(s3_env, monkeypatch, tmp_path):
     monkeypatch.setenv("ATTNPIPE_CACHE", str(tmp_path / "cache"))
     fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}")
     return fs
+
+
+@pytest.fixture(params=["s3", "gs"])
+def store(request, monkeypatch, tmp_path):
+    """(scheme, filesystem) of each kind of object storage, as `s3` does for S3."""
+    if request.param == "s3":
+        return "s3", request.getfixturevalue("s3")
+    for key, value in request.getfixturevalue("gcs_env").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("ATTNPIPE_CACHE", str(tmp_path / "cache"))
+    return "gs", remote._filesystem(f"gs://{BUCKET}")[0]
 
 
 @pytest.fixture(scope="module")
@@ -84,18 +102,19 @@ def shutil_rm(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_preprocess_to_s3_gives_the_local_output_and_training_reads_it_back(
-    s3, ray_local, tmp_path
+def test_preprocess_to_a_bucket_gives_the_local_output_and_training_reads_it_back(
+    store, ray_local, tmp_path
 ):
+    scheme, fs = store
     node = data_node(write_corpus(tmp_path / "corpus"))
     local = preprocess(node, tmp_path / "local")
-    uri = f"s3://{BUCKET}/data/demo"
+    uri = f"{scheme}://{BUCKET}/data/demo"
     messages: list[str] = []
     up = preprocess(node, uri, messages)
     assert not up["cache_hit"] and up["fingerprint"] == local["fingerprint"]
     assert f"wrote {uri}" in messages
 
-    stored = objects(s3, "data/demo")
+    stored = objects(fs, "data/demo")
     folder = tmp_path / "local"
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert sorted(stored) == files  # manifest, tokenizer and every shard; nothing else

@@ -10,8 +10,8 @@ Training memory-maps shards, so every node that reads a URI keeps a local mirror
 checksum differs from the manifest's.
 
 Credentials and the endpoint come from the environment, as the providers' own tools read
-them (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT_URL`, `GOOGLE_APPLICATION_CREDENTIALS`, ...),
-never from the URI, which is logged.
+them (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT_URL`, `GOOGLE_APPLICATION_CREDENTIALS`, and
+`STORAGE_EMULATOR_HOST` for a GCS emulator), never from the URI, which is logged.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -72,7 +73,18 @@ def _filesystem(uri: str) -> tuple[Any, str]:
     reason = check_uri(uri)
     if reason:
         raise DataError(f"{uri}: {reason}")
+    parts = urlsplit(uri)
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
     try:
+        if parts.scheme in ("gs", "gcs") and emulator:  # Google's convention for emulators
+            host = urlsplit(emulator if "://" in emulator else f"http://{emulator}")
+            fs = pafs.GcsFileSystem(
+                anonymous=True,
+                scheme=host.scheme,
+                endpoint_override=host.netloc,
+                retry_time_limit=timedelta(seconds=10),
+            )
+            return fs, f"{parts.netloc}{parts.path}".rstrip("/")
         fs, path = pafs.FileSystem.from_uri(uri)
     except Exception as exc:  # pyarrow raises ValueError, OSError, ArrowInvalid...
         raise _fail(uri, "open the storage", exc) from None
