@@ -31,6 +31,7 @@ from torch import Tensor
 
 from models.attention.patterns import Pattern
 
+_softmax_backward = torch.ops.aten._softmax_backward_data.out  # dS in place of dP
 CHUNK_BYTES = 1 << 21  # score tile bytes per chunk: about an L2 cache
 
 
@@ -42,8 +43,10 @@ class BlockSparsePlan:
     seq_len: int
     kv_idx: Tensor  # (Bm, Hm, N, K) long, into the key block array (padded when band)
     chunk: int  # query blocks per kernel step
-    # per chunk: (first slot, end slot, (Bm, Hm, c, bs, (end - first) * bs) disallowed) for
-    # the runs of slots where some tile of the chunk is partial; full tiles are not masked
+    # per chunk: (first slot, end slot, (Bm, Hm, c or 1, bs, (end - first) * bs) fp32 bias,
+    # -inf where disallowed, else 0) for the runs of slots where some tile of the chunk is
+    # partial; full tiles are not masked. One row (broadcast) when every query block of the
+    # chunk has the same mask there, as causal diagonal tiles do.
     masks: list[list[tuple[int, int, Tensor]]]
     band_lead: int | None  # band layouts: key slot s of row i is block i - lead + s
     full: Tensor  # (Bm, Hm, N, K) bool: tile fully allowed
@@ -113,9 +116,20 @@ def build_plan(
     for c0 in range(0, n, chunk):
         rows = slice(c0, min(n, c0 + chunk))
         partial = ~full[:, :, rows].flatten(0, 2).all(dim=0)  # (K,)
-        masks.append([(a, b, ~allowed[:, :, rows, :, a * bs : b * bs]) for a, b in _runs(partial)])
+        masks.append(
+            [(a, b, _bias(~allowed[:, :, rows, :, a * bs : b * bs])) for a, b in _runs(partial)]
+        )
     lead = band[0] if band is not None else None
     return BlockSparsePlan(bs, seq_len, kv_idx.contiguous(), chunk, masks, lead, full, valid)
+
+
+def _bias(disallowed: Tensor) -> Tensor:
+    """An additive fp32 mask (adding costs a seventh of a masked fill on a CPU), one row of
+    query blocks when all rows are the same."""
+    if bool((disallowed == disallowed[:, :, :1]).all()):
+        disallowed = disallowed[:, :, :1]
+    bias = torch.zeros(disallowed.shape, dtype=torch.float32, device=disallowed.device)
+    return bias.masked_fill_(disallowed, float("-inf"))
 
 
 def _band(layout: Tensor) -> tuple[int, int] | None:
@@ -244,9 +258,16 @@ def _accumulate(
 
 def _apply_masks(s: Tensor, plan: BlockSparsePlan, bi: int, hi: int, c0: int) -> None:
     bs = plan.block_size
-    for a, b, mask in plan.masks[c0 // plan.chunk]:
-        m = mask[min(bi, mask.shape[0] - 1), min(hi, mask.shape[1] - 1)]
-        s[..., a * bs : b * bs].masked_fill_(m, float("-inf"))
+    for a, b, bias in plan.masks[c0 // plan.chunk]:
+        s[..., a * bs : b * bs].add_(bias[min(bi, bias.shape[0] - 1), min(hi, bias.shape[1] - 1)])
+
+
+def _blocks(x: Tensor, n: int, bs: int) -> Tensor:
+    """(S, D) -> (N, bs, D) contiguous, zero-padded to N * bs rows; a copy of one head only
+    where needed (a transposed or expanded input, a length not a multiple of the block)."""
+    if x.shape[0] != n * bs:
+        x = F.pad(x, (0, 0, 0, n * bs - x.shape[0]))
+    return x.contiguous().view(n, bs, x.shape[-1])
 
 
 class BlockSparseAttention(torch.autograd.Function):
@@ -259,7 +280,6 @@ class BlockSparseAttention(torch.autograd.Function):
         groups = H // k.shape[1]
         chunk = plan.chunk
         scale = 1.0 / math.sqrt(D)  # applied inside the GEMMs (baddbmm's alpha), never to Q
-        qs = q.contiguous() if n * bs == S else F.pad(q, (0, 0, 0, n * bs - S))  # (B, H, N*bs, D)
         out = q.new_empty(B, H, n * bs, D)
         scores = q.new_empty(chunk, bs, K * bs)
         for b in range(B):
@@ -268,39 +288,40 @@ class BlockSparseAttention(torch.autograd.Function):
                 idx = plan.kv_idx[bi, hi]
                 keys = _Slots(plan, k[b, h // groups], chunk)
                 values = _Slots(plan, v[b, h // groups], chunk)
-                qh, oh = qs[b, h].view(n, bs, D), out[b, h].view(n, bs, D)
+                qh, oh = _blocks(q[b, h], n, bs), out[b, h].view(n, bs, D)
                 for c0 in range(0, n, chunk):
                     c1 = min(n, c0 + chunk)
-                    kg, vg = keys.take(idx[c0:c1], c0, c1), values.take(idx[c0:c1], c0, c1)
+                    kg = keys.take(idx[c0:c1], c0, c1)
                     s = scores[: c1 - c0]
                     torch.baddbmm(s, qh[c0:c1], kg.transpose(1, 2), beta=0, alpha=scale, out=s)
                     _apply_masks(s, plan, bi, hi, c0)
-                    torch.bmm(torch.softmax(s, dim=-1), vg, out=oh[c0:c1])
-        ctx.save_for_backward(qs, k, v)
+                    torch._softmax(s, -1, False, out=s)  # in place: the row is in cache
+                    # values gathered only now, so that fewer buffers compete for the cache
+                    torch.bmm(s, values.take(idx[c0:c1], c0, c1), out=oh[c0:c1])
+        ctx.save_for_backward(q, k, v)
         ctx.plan, ctx.chunk, ctx.seq_len = plan, chunk, S
         return out if n * bs == S else out[:, :, :S].clone()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        qs, k, v = ctx.saved_tensors
+        q, k, v = ctx.saved_tensors
         plan: BlockSparsePlan = ctx.plan
         chunk, S = ctx.chunk, ctx.seq_len
-        B, H, SP, D = qs.shape
+        B, H, _, D = q.shape
         bs, n, K = plan.block_size, plan.n_blocks, plan.slots
         groups = H // k.shape[1]
         scale = 1.0 / math.sqrt(D)
-        do = (F.pad(grad_out, (0, 0, 0, SP - S)) if SP != S else grad_out).contiguous()
-        dq = torch.empty_like(qs)
+        dq = q.new_empty(B, H, n * bs, D)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        s_buf = qs.new_empty(chunk, bs, K * bs)
-        ds_buf = qs.new_empty(chunk, bs, K * bs)
-        dkv_buf = qs.new_empty(2, chunk, K * bs, D)
+        s_buf = q.new_empty(chunk, bs, K * bs)
+        ds_buf = q.new_empty(chunk, bs, K * bs)
+        dkv_buf = q.new_empty(chunk, K * bs, D)  # dV of the slots, then their dK
         for b in range(B):
             for kvh in range(k.shape[1]):
                 # gradients accumulate per key block, in place unless S % bs needs padding
                 padded = n * bs != S
                 gk, gv = (
-                    qs.new_zeros(n, bs, D) if padded else g[b, kvh].view(n, bs, D).zero_()
+                    q.new_zeros(n, bs, D) if padded else g[b, kvh].view(n, bs, D).zero_()
                     for g in (dk, dv)
                 )
                 keys = _Slots(plan, k[b, kvh], chunk)
@@ -308,30 +329,32 @@ class BlockSparseAttention(torch.autograd.Function):
                 for h in range(kvh * groups, (kvh + 1) * groups):
                     bi, hi = min(b, plan.kv_idx.shape[0] - 1), min(h, plan.kv_idx.shape[1] - 1)
                     idx = plan.kv_idx[bi, hi]
-                    qh, doh = qs[b, h].view(n, bs, D), do[b, h].view(n, bs, D)
+                    qh, doh = _blocks(q[b, h], n, bs), _blocks(grad_out[b, h], n, bs)
                     dqh = dq[b, h].view(n, bs, D)
                     for c0 in range(0, n, chunk):
                         c1 = min(n, c0 + chunk)
                         c = c1 - c0
-                        kg, vg = keys.take(idx[c0:c1], c0, c1), values.take(idx[c0:c1], c0, c1)
+                        # in an order that keeps few score- or slot-sized buffers live at once
+                        kg = keys.take(idx[c0:c1], c0, c1)
                         s = s_buf[:c]
                         torch.baddbmm(s, qh[c0:c1], kg.transpose(1, 2), beta=0, alpha=scale, out=s)
                         _apply_masks(s, plan, bi, hi, c0)
-                        p = torch.softmax(s, dim=-1)  # recomputed: O(S * K * bs) memory
-                        dvg = torch.bmm(p.transpose(1, 2), doh[c0:c1], out=dkv_buf[1, :c])
+                        p = torch._softmax(s, -1, False, out=s)  # recomputed, in place
+                        dvg = torch.bmm(p.transpose(1, 2), doh[c0:c1], out=dkv_buf[:c])
+                        _accumulate(plan, gv, idx, c0, c1, dvg.view(c * K, bs, D))
                         # dS = P * (dP - rowsum(P * dP)): softmax's own fused backward
+                        vg = values.take(idx[c0:c1], c0, c1)
                         dp = torch.bmm(doh[c0:c1], vg.transpose(1, 2), out=ds_buf[:c])
-                        ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
-                        dq_c, dkg = dqh[c0:c1], dkv_buf[0, :c]
+                        ds = _softmax_backward(dp, p, -1, p.dtype, grad_input=dp)
+                        dq_c, dkg = dqh[c0:c1], dkv_buf[:c]
                         torch.baddbmm(dq_c, ds, kg, beta=0, alpha=scale, out=dq_c)
                         torch.baddbmm(
                             dkg, ds.transpose(1, 2), qh[c0:c1], beta=0, alpha=scale, out=dkg
                         )
                         _accumulate(plan, gk, idx, c0, c1, dkg.view(c * K, bs, D))
-                        _accumulate(plan, gv, idx, c0, c1, dvg.view(c * K, bs, D))
                 if padded:
                     dk[b, kvh], dv[b, kvh] = gk.view(n * bs, D)[:S], gv.view(n * bs, D)[:S]
-        return dq if SP == S else dq[:, :, :S], dk, dv, None
+        return dq if n * bs == S else dq[:, :, :S], dk, dv, None
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, plan: BlockSparsePlan) -> Tensor:
