@@ -45,6 +45,7 @@ from pipeline.train.deepspeed_config import LRSchedule, deepspeed_config
 from pipeline.train.flops import DevicePeak, train_flops_per_token
 from pipeline.train.objectives import Objective
 from pipeline.train.ops import CPU_WORKER_ENV
+from pipeline.train.zero import share_master_weights
 
 
 @dataclass
@@ -130,6 +131,7 @@ class Worker:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
             dist_init_required=False,
         )
+        share_master_weights(self.engine.optimizer)  # fp32 ZeRO: no second copy of the weights
         if self.world == 1 and self.engine.zero_optimization_stage() == 0:
             # one rank: DeepSpeed's gradient all-reduce would copy every gradient into a
             # flat buffer, average it over one rank and copy it back, for nothing

@@ -1,0 +1,143 @@
+"""fp32 ZeRO keeps one copy of the weights (pipeline/train/zero.py): two gloo ranks train
+with ZeRO-1, 2 and 3, with and without the shared master partitions; the weights and losses
+must be bitwise the same, and the optimizer must update the model's own storage."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pipeline.run import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 3
+
+
+def write_data(folder: Path, seq_len: int = 32, vocab: int = 300) -> None:
+    """Random documents in attnpipe's shard format, enough for a few steps."""
+    from pipeline.data.shards import FORMAT_VERSION, pack_documents, write_json, write_shards
+
+    rng = np.random.default_rng(0)
+    specials = {"eod": 0, "pad": 1, "bos": 2, "mask": 3}
+    docs = [(i, rng.integers(4, vocab, int(rng.integers(8, 80))).tolist()) for i in range(120)]
+    splits = {}
+    for split, part in (("train", docs[:100]), ("val", docs[100:])):
+        packed = pack_documents(part, seq_len + 1, specials["eod"], specials["pad"])
+        shards = write_shards(folder, split, packed, per_shard=64)
+        splits[split] = {"documents": len(part), "samples": len(packed), "shards": shards}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": "synthetic",
+        "paired": False,
+        "seq_len": seq_len,
+        "max_source_len": None,
+        "max_target_len": None,
+        "vocab_size": vocab,
+        "special_ids": specials,
+        "splits": splits,
+    }
+    write_json(folder / "manifest.json", manifest)
+
+
+def _rank(rank: int, world: int, port: int, data_dir: str, out_dir: str) -> None:
+    import pipeline.train.worker as worker_module
+    from pipeline.config import load_spec
+    from pipeline.train.zero import share_master_weights
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+    )
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results = []
+    try:
+        for stage in (1, 2, 3):
+            for share in (False, True):
+                worker_module.share_master_weights = (
+                    share_master_weights if share else (lambda optimizer: 0)
+                )
+                spec = load_spec(
+                    ROOT / "jobs" / "decoder-tiny.yaml",
+                    [
+                        f"storage.work_dir={out_dir}",
+                        "data.seq_len=32",
+                        "model.vocab_size=300",
+                        "data.tokenizer.vocab_size=300",
+                        "training.global_batch_size=4",
+                        "training.micro_batch_size=2",
+                        "training.lr_schedule.warmup_steps=1",
+                        f"deepspeed.zero_stage={stage}",
+                        f"resources.num_workers={world}",
+                        "tracking.heatmap_tokens=0",
+                    ],
+                ).model_dump(mode="json")
+                run_dir = Path(out_dir) / f"run-{stage}-{share}"
+                run_dir.mkdir(parents=True, exist_ok=True)
+                w = worker_module.Worker(
+                    worker_module.WorkerConfig(spec=spec, data_dir=data_dir, run_dir=str(run_dir)),
+                    rank,
+                    world,
+                )
+                w.build()
+                losses = [w.train_step(step) for step in range(STEPS)]
+                opt = w.engine.optimizer
+                if stage < 3:
+                    own = [p for g in opt.parallel_partitioned_bit16_groups for p in [g[rank]]]
+                    masters = opt.single_partition_of_fp32_groups
+                else:
+                    own, masters = (
+                        opt.fp16_partitioned_groups_flat,
+                        opt.fp32_partitioned_groups_flat,
+                    )
+                torch.save([t.clone() for t in own], run_dir / f"own-{rank}.pt")
+                results.append(
+                    {
+                        "stage": stage,
+                        "share": share,
+                        "rank": rank,
+                        "losses": losses,
+                        "aliased": [
+                            m.data_ptr() == o.data_ptr() for m, o in zip(masters, own, strict=True)
+                        ],
+                    }
+                )
+                del w, opt
+                dist.barrier()
+    finally:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.destroy_process_group()
+
+
+def test_fp32_zero_updates_the_model_weights_in_place_with_the_same_result(tmp_path):
+    write_data(tmp_path / "data")
+    mp.spawn(
+        _rank,
+        args=(2, free_port(), str(tmp_path / "data"), str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
+    rows = [r for rank in (0, 1) for r in json.loads((tmp_path / f"rank{rank}.json").read_text())]
+    assert len(rows) == 12
+    for stage in (1, 2, 3):
+        for rank in (0, 1):
+            off, on = (
+                next(r for r in rows if (r["stage"], r["share"], r["rank"]) == (stage, s, rank))
+                for s in (False, True)
+            )
+            assert not any(off["aliased"]) and all(on["aliased"]), (stage, rank)
+            assert on["losses"] == off["losses"], (stage, rank)
+            a = torch.load(tmp_path / f"run-{stage}-False" / f"own-{rank}.pt")
+            b = torch.load(tmp_path / f"run-{stage}-True" / f"own-{rank}.pt")
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), (stage, rank)
+            assert on["losses"][-1] != on["losses"][0]  # the weights did change
