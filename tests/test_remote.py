@@ -225,6 +225,7 @@ def test_unreachable_or_unfit_uris_are_one_line(s3, monkeypatch, tmp_path):
         ("s3:///data", "names no bucket"),
         ("s3://key:secret@bucket/data", "holds credentials"),
         ("s3://bucket/data?secret_key=abc", "holds credentials"),
+        ("s3://bucket/../../etc", "has a '..' component"),
     ]:
         with pytest.raises(DataError, match=reason):
             remote.local_copy(uri)

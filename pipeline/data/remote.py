@@ -51,6 +51,8 @@ def check_uri(uri: str) -> str:
         return "names no bucket"
     if "@" in parts.netloc or any(p in parse_qs(parts.query) for p in SECRET_PARAMS):
         return "holds credentials; give them in the environment, never in the URI (it is logged)"
+    if ".." in parts.path.split("/"):
+        return "has a '..' component"  # its mirror folder would lie outside the cache
     return ""
 
 
