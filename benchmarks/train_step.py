@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from pipeline.run import free_port
 from pipeline.tracking.server import MlflowServer
-from pipeline.train.ops import CPU_WORKER_ENV
+from pipeline.train.ops import CPU_WORKER_ENV, init_loopback_group
 
 ZERO_TIMED = (0, 1, 2)
 ZERO_MEMORY = (0, 1, 2, 3)
@@ -175,18 +175,6 @@ class PlainLoop:
 
 
 # --------------------------------------------------------------------------- attnpipe
-
-
-def init_process_group(rank: int, world: int, port: int) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-    )
-    dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
 def quiet_deepspeed() -> None:
@@ -496,7 +484,7 @@ def memory_rank(
     rank: int, world: int, port: int, args: argparse.Namespace, data_dir: str, out_dir: str
 ) -> None:
     """One rank of the world-size-2 memory measurement: every stage, one after another."""
-    init_process_group(rank, world, port)
+    init_loopback_group(rank, world, port)
     quiet_deepspeed()
     results = []
     try:
@@ -623,7 +611,7 @@ def main() -> None:
         )
         write_data(data_dir, args.seq_len, args.vocab, max(64, samples))
 
-        init_process_group(0, 1, free_port())
+        init_loopback_group(0, 1, free_port())
         quiet_deepspeed()
         spec = {z: resolved_spec(args, z, 1) for z in ZERO_TIMED}
         threads = max(1, int(spec[0]["resources"]["cpus_per_worker"]))

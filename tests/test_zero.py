@@ -5,7 +5,6 @@ must be bitwise the same, and the optimizer must update the model's own storage.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -48,17 +47,10 @@ def write_data(folder: Path, seq_len: int = 32, vocab: int = 300) -> None:
 def _rank(rank: int, world: int, port: int, data_dir: str, out_dir: str) -> None:
     import pipeline.train.worker as worker_module
     from pipeline.config import load_spec
+    from pipeline.train.ops import init_loopback_group
     from pipeline.train.zero import share_master_weights
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-    )
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_loopback_group(rank, world, port)
     torch.set_num_threads(1)
     results = []
     try:

@@ -14,6 +14,22 @@ import os
 CPU_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
 
 
+def init_loopback_group(rank: int, world: int, port: int) -> None:
+    """A gloo process group of `world` processes on this machine, with the environment
+    DeepSpeed reads, outside Ray Train (benchmarks, tests)."""
+    import torch.distributed as dist
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+    )
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
 def prebuild() -> list[str]:
     """Build the shared-memory communication op DeepSpeed's CPU backend loads at start;
     nothing to do where a GPU accelerator is in use. Returns what was built."""
