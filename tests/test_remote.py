@@ -249,10 +249,12 @@ def test_storage_data_uri_is_checked_with_the_spec(tmp_path):
     assert len(lines) == 1 and "storage.data" in lines[0] and "holds credentials" in lines[0]
 
 
-def test_jobs_on_s3_data_preprocess_train_and_export_on_different_machines(s3, tmp_path):
-    """`storage.data` in the bucket: a preprocess job uploads; a train job on a machine that
-    holds nothing (a cache of its own) finds the data there, and its Ray Train workers read
-    that machine's mirror; `attnpipe export` on a third fetches the tokenizer."""
+def test_jobs_on_s3_data_preprocess_train_and_export_on_different_machines(s3, ray_local, tmp_path):
+    """`storage.data` in the bucket: preprocessing uploads (here, in this process); a train
+    job on a machine that holds nothing (a cache of its own) finds the data there, and its
+    Ray Train workers read that machine's mirror; `attnpipe export` on a third machine
+    fetches the tokenizer."""
+    from pipeline.config import load_spec
     from pipeline.tracking import tracking_uri
 
     corpus = write_corpus(tmp_path / "corpus")
@@ -278,9 +280,10 @@ def test_jobs_on_s3_data_preprocess_train_and_export_on_different_machines(s3, t
         )
 
     uri = f"s3://{BUCKET}/jobs/decoder-tiny"
-    prep = attnpipe("run", "jobs/decoder-tiny.yaml", "job.kind=preprocess", *spec, machine="a")
-    assert prep.returncode == 0, prep.stderr[-3000:]
-    assert f"wrote {uri}" in prep.stderr
+    data = load_spec(ROOT / "jobs" / "decoder-tiny.yaml", spec).data
+    messages: list[str] = []
+    preprocess(data, uri, messages)
+    assert f"wrote {uri}" in messages
     assert not (tmp_path / "work" / "data").exists()  # the data lives in the bucket
 
     run = attnpipe("run", "jobs/decoder-tiny.yaml", "job.kind=train", *spec, machine="b")
