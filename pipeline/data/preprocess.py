@@ -39,7 +39,12 @@ from pipeline.data.shards import (
     read_manifest,
     write_json,
 )
-from pipeline.data.sources import invalid_utf8_replaced, load_source, source_fingerprint
+from pipeline.data.sources import (
+    invalid_utf8_replaced,
+    load_source,
+    source_files,
+    source_fingerprint,
+)
 from pipeline.data.tokenizer import (
     load_tokenizer,
     special_ids,
@@ -203,21 +208,23 @@ def preprocess(
     `parallelism`: the CPUs to tokenize on (default: all of the Ray cluster's)."""
     uri = str(out_dir) if remote.is_uri(out_dir) else None
     out = remote.mirror_dir(uri) if uri else Path(out_dir)
-    source_fps = [source_fingerprint(s) for s in data.sources]  # reads every source file
+    # each source's files listed (or fetched) once, then hashed, then read from the same list
+    files = [source_files(s) if s.kind == "files" else None for s in data.sources]
+    source_fps = [source_fingerprint(s, f) for s, f in zip(data.sources, files, strict=True)]
     fp = fingerprint(data, vocab_size, paired, source_fps)
     if uri is None:
         manifest = _holding(out, fp)
         if manifest:
             progress(f"cache hit: {out} already holds this data ({fp[:12]})")
             return {**manifest, "cache_hit": True}
-        return _run(data, out, fp, source_fps, vocab_size, paired, parallelism, progress)
+        return _run(data, out, fp, files, source_fps, vocab_size, paired, parallelism, progress)
     manifest = remote.read_remote_manifest(uri)
     if manifest and manifest.get("fingerprint") == fp:
         progress(f"cache hit: {uri} already holds this data ({fp[:12]})")
         return {**manifest, "cache_hit": True}
     # An earlier run whose upload failed left the output complete in the mirror: upload it.
     manifest = _holding(out, fp) or _run(
-        data, out, fp, source_fps, vocab_size, paired, parallelism, progress
+        data, out, fp, files, source_fps, vocab_size, paired, parallelism, progress
     )
     progress(f"uploading to {uri}")
     remote.upload(out, uri, manifest)
@@ -240,6 +247,7 @@ def _run(
     data: DataNode,
     out: Path,
     fp: str,
+    files: list[list[tuple[str, Path]] | None],
     source_fps: list[str],
     vocab_size: int,
     paired: bool,
@@ -265,8 +273,8 @@ def _run(
 
     progress("loading sources")
     sources, replaced = [], 0
-    for source in data.sources:
-        hf = load_source(source, paired)
+    for source, found in zip(data.sources, files, strict=True):
+        hf = load_source(source, paired, found)
         replaced += invalid_utf8_replaced(hf)
         sources.append(hf)
 

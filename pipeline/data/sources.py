@@ -77,14 +77,17 @@ def demo_pairs() -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------- loading
 
 
-def load_source(source: SourceNode, paired: bool = False) -> datasets.Dataset:
-    """One source as a dataset with `text` (and `target` when paired)."""
+def load_source(
+    source: SourceNode, paired: bool = False, files: list[tuple[str, Path]] | None = None
+) -> datasets.Dataset:
+    """One source as a dataset with `text` (and `target` when paired); `files`: its
+    `source_files`, when the caller has them already."""
     if source.kind == "demo":
         if paired:
             src, tgt = zip(*demo_pairs(), strict=True)
             return datasets.Dataset.from_dict({"text": list(src), "target": list(tgt)})
         return datasets.Dataset.from_dict({"text": demo_documents()})
-    ds = _load_hub(source) if source.kind == "hub" else _load_files(source)
+    ds = _load_hub(source) if source.kind == "hub" else _load_files(source, files)
     return _select_columns(ds, source, paired)
 
 
@@ -115,9 +118,9 @@ def source_files(source: SourceNode) -> list[tuple[str, Path]]:
     return found
 
 
-def _load_files(source: SourceNode) -> Any:
+def _load_files(source: SourceNode, found: list[tuple[str, Path]] | None) -> Any:
     assert source.path is not None
-    found = source_files(source)
+    found = found or source_files(source)
     files = [str(local) for _, local in found]
     fmt = source.format or FORMATS.get(Path(found[0][0]).suffix.lower())
     if fmt is None:
@@ -173,15 +176,16 @@ def _select_columns(ds: Any, source: SourceNode, paired: bool) -> Any:
     return ds.rename_columns(renames) if renames else ds
 
 
-def source_fingerprint(source: SourceNode) -> str:
-    """Identity of what a source reads: its settings, and for local files their bytes."""
+def source_fingerprint(source: SourceNode, files: list[tuple[str, Path]] | None = None) -> str:
+    """Identity of what a source reads: its settings, and for files their names and bytes
+    (`files`: its `source_files`, when the caller has them already)."""
     h = hashlib.sha256(source.model_dump_json().encode())
     if source.kind == "demo":
         for title, markdown in demo_plays():
             h.update(title.encode())
             h.update(hashlib.sha256(markdown.encode()).digest())
     elif source.kind == "files" and source.path:
-        for name, local in source_files(source):
+        for name, local in files or source_files(source):
             h.update(name.encode())
             h.update(sha256_file(local).encode())
     return h.hexdigest()
