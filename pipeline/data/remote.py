@@ -21,13 +21,12 @@ import fnmatch
 import json
 import os
 import shutil
-import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from pipeline.data.shards import read_manifest, sha256_file, write_json
+from pipeline.data.shards import atomic_write, read_manifest, sha256_file, write_json
 from pipeline.errors import DataError
 
 SCHEMES = ("s3", "gs", "gcs")
@@ -255,13 +254,6 @@ def fetch_files(pattern: str) -> list[tuple[str, Path]]:
 
 
 def _get(fs: Any, path: str, target: Path) -> None:
-    """Download to a unique temporary name, then rename: workers of one node may fetch the
-    same file at once."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with fs.open_input_stream(path) as src, tmp.open("wb") as dst:
-            shutil.copyfileobj(src, dst, CHUNK)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with fs.open_input_stream(path) as src:
+        atomic_write(target, lambda dst: shutil.copyfileobj(src, dst, CHUNK))

@@ -189,14 +189,20 @@ class PairShardWriter:
         return write_shards(self.out_dir, self.split, samples, self.per_shard)
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    # a name of its own: processes of one node may write the same file at once (mirrors)
+def atomic_write(path: Path, write: Any) -> None:
+    """`write(f)` into a temporary file, then rename it to `path`: readers see the old file
+    or the whole new one. The temporary name is unique, since processes of one machine may
+    write the same file at once (the mirrors of pipeline.data.remote); it is removed if
+    `write` fails."""
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def sha256_file(path: Path) -> str:
@@ -213,7 +219,7 @@ def write_shard(out_dir: Path, split: str, index: int, samples: np.ndarray) -> d
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"shard-{index:05d}.npy"
     part = np.ascontiguousarray(samples)
-    _atomic_write(path, lambda f: np.save(f, part, allow_pickle=False))
+    atomic_write(path, lambda f: np.save(f, part, allow_pickle=False))
     return {"file": f"{split}/{path.name}", "samples": len(part), "sha256": sha256_file(path)}
 
 
@@ -229,7 +235,7 @@ def write_shards(
 
 def write_json(path: Path, obj: Any) -> None:
     data = json.dumps(obj, indent=1, sort_keys=True).encode()
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:
