@@ -49,50 +49,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pipeline.data.shards import PAD_DOC, write_random_documents
 from pipeline.run import free_port
 from pipeline.tracking.server import MlflowServer
 from pipeline.train.ops import CPU_WORKER_ENV, init_loopback_group
 
 ZERO_TIMED = (0, 1, 2)
 ZERO_MEMORY = (0, 1, 2, 3)
-SPECIAL_IDS = {"eod": 0, "pad": 1, "bos": 2, "mask": 3}
-PAD_DOC = int(np.iinfo(np.uint32).max)
 IGNORE = -100
 
 
 # --------------------------------------------------------------------------- data and spec
-
-
-def write_data(folder: Path, seq_len: int, vocab: int, samples: int, seed: int = 0) -> None:
-    """Synthetic packed documents in attnpipe's shard format (pipeline/data/shards.py):
-    random token ids, documents of 16 to 1500 tokens, EOD between them, a manifest last."""
-    from pipeline.data.shards import FORMAT_VERSION, pack_documents, write_json, write_shards
-
-    rng = np.random.default_rng(seed)
-    splits = {}
-    doc_id = 0
-    for split, count in (("train", samples), ("val", max(4, samples // 16))):
-        docs, tokens = [], 0
-        while tokens < count * (seq_len + 1):
-            n = int(rng.integers(16, 1500))
-            docs.append((doc_id, rng.integers(len(SPECIAL_IDS), vocab, n).tolist()))
-            doc_id, tokens = doc_id + 1, tokens + n + 1
-        packed = pack_documents(docs, seq_len + 1, SPECIAL_IDS["eod"], SPECIAL_IDS["pad"])
-        packed = packed[:count]
-        shards = write_shards(folder, split, packed, per_shard=64)
-        splits[split] = {"documents": len(docs), "samples": len(packed), "shards": shards}
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "fingerprint": f"synthetic-{seed}-{seq_len}-{vocab}-{samples}",
-        "paired": False,
-        "seq_len": seq_len,
-        "max_source_len": None,
-        "max_target_len": None,
-        "vocab_size": vocab,
-        "special_ids": SPECIAL_IDS,
-        "splits": splits,
-    }
-    write_json(folder / "manifest.json", manifest)
 
 
 def resolved_spec(args: argparse.Namespace, zero_stage: int, world: int) -> dict[str, Any]:
@@ -160,7 +127,7 @@ class PlainLoop:
         batch = self.reader.next_batch(self.micro)  # (B, 2, S + 1) uint32
         tokens = torch.from_numpy(batch[:, 0].astype(np.int64))
         docs = torch.from_numpy(batch[:, 1].astype(np.int64))
-        real = docs != PAD_DOC
+        real = docs != int(PAD_DOC)
         labels = tokens[:, 1:].masked_fill(~real[:, 1:], IGNORE)
         logits = self.model(
             tokens[:, :-1], key_padding_mask=real[:, :-1], document_ids=docs[:, :-1]
@@ -609,7 +576,7 @@ def main() -> None:
             * 2
             * (args.warmup * 2 + args.repeats * args.steps * 2 + args.memory_steps * 8)
         )
-        write_data(data_dir, args.seq_len, args.vocab, max(64, samples))
+        write_random_documents(data_dir, args.seq_len, args.vocab, max(64, samples))
 
         init_loopback_group(0, 1, free_port())
         quiet_deepspeed()

@@ -7,41 +7,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pipeline.data.shards import write_random_documents
 from pipeline.run import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 3
-
-
-def write_data(folder: Path, seq_len: int = 32, vocab: int = 300) -> None:
-    """Random documents in attnpipe's shard format, enough for a few steps."""
-    from pipeline.data.shards import FORMAT_VERSION, pack_documents, write_json, write_shards
-
-    rng = np.random.default_rng(0)
-    specials = {"eod": 0, "pad": 1, "bos": 2, "mask": 3}
-    docs = [(i, rng.integers(4, vocab, int(rng.integers(8, 80))).tolist()) for i in range(120)]
-    splits = {}
-    for split, part in (("train", docs[:100]), ("val", docs[100:])):
-        packed = pack_documents(part, seq_len + 1, specials["eod"], specials["pad"])
-        shards = write_shards(folder, split, packed, per_shard=64)
-        splits[split] = {"documents": len(part), "samples": len(packed), "shards": shards}
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "fingerprint": "synthetic",
-        "paired": False,
-        "seq_len": seq_len,
-        "max_source_len": None,
-        "max_target_len": None,
-        "vocab_size": vocab,
-        "special_ids": specials,
-        "splits": splits,
-    }
-    write_json(folder / "manifest.json", manifest)
 
 
 def _rank(rank: int, world: int, port: int, data_dir: str, out_dir: str) -> None:
@@ -112,7 +86,7 @@ def _rank(rank: int, world: int, port: int, data_dir: str, out_dir: str) -> None
 
 
 def test_fp32_zero_updates_the_model_weights_in_place_with_the_same_result(tmp_path):
-    write_data(tmp_path / "data")
+    write_random_documents(tmp_path / "data", seq_len=32, vocab=300, samples=64)
     mp.spawn(
         _rank,
         args=(2, free_port(), str(tmp_path / "data"), str(tmp_path)),

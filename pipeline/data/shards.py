@@ -271,3 +271,40 @@ def open_shard(out_dir: Path, entry: dict[str, Any], verify: bool = True) -> np.
             f"{path}: shard has shape {arr.shape}, manifest says {entry['samples']} samples"
         )
     return arr
+
+
+RANDOM_SPECIAL_IDS = {"eod": 0, "pad": 1, "bos": 2, "mask": 3}
+
+
+def write_random_documents(
+    folder: Path, seq_len: int, vocab: int, samples: int, seed: int = 0
+) -> None:
+    """A complete output of random documents, for benchmarks and tests that need shards of
+    a given size and no corpus: token ids drawn uniformly, documents of 16 to 1,500 tokens
+    packed with EOD between them, `samples` training samples and a sixteenth as many for
+    validation (at least 4), the manifest last; no tokenizer."""
+    rng = np.random.default_rng(seed)
+    specials = RANDOM_SPECIAL_IDS
+    splits = {}
+    doc_id = 0
+    for split, count in (("train", samples), ("val", max(4, samples // 16))):
+        docs, tokens = [], 0
+        while tokens < count * (seq_len + 1):
+            n = int(rng.integers(16, 1500))
+            docs.append((doc_id, rng.integers(len(specials), vocab, n).tolist()))
+            doc_id, tokens = doc_id + 1, tokens + n + 1
+        packed = pack_documents(docs, seq_len + 1, specials["eod"], specials["pad"])[:count]
+        shards = write_shards(folder, split, packed, per_shard=64)
+        splits[split] = {"documents": len(docs), "samples": len(packed), "shards": shards}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": f"synthetic-{seed}-{seq_len}-{vocab}-{samples}",
+        "paired": False,
+        "seq_len": seq_len,
+        "max_source_len": None,
+        "max_target_len": None,
+        "vocab_size": vocab,
+        "special_ids": specials,
+        "splits": splits,
+    }
+    write_json(folder / "manifest.json", manifest)
