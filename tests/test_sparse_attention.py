@@ -99,6 +99,63 @@ def test_blocksparse_matches_reference_forward_and_backward(
         torch.testing.assert_close(got.grad, want.grad, **tol)
 
 
+WIDE_ROWS = [  # bidirectional patterns whose global query blocks meet every key block
+    pytest.param(
+        "bigbird", {"block": 16, "window": 3, "global_blocks": [0], "random": 2}, id="bigbird"
+    ),
+    pytest.param("longformer", {"window": 24, "global_tokens": [[88, 92]]}, id="longformer-mid"),
+]
+
+
+@pytest.mark.parametrize("docs", [False, True], ids=["one-doc", "documents"])
+@pytest.mark.parametrize("seq_len", [256, 250], ids=["multiple", "not-multiple"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name,params", WIDE_ROWS)
+def test_wide_query_rows_take_a_dense_pass(name, params, dtype, seq_len, docs, chunk_bytes):
+    """Global queries attend every key: padding every row to their width would make the
+    kernel dense, so they are computed apart, and the rest keep a narrow slot list."""
+    pattern = make_pattern(name, causal=False, **params)
+    plan = build_plan(pattern, seq_len, BLOCK)
+    assert plan.dense is not None and len(plan.dense.rows) == BLOCK  # one global block
+    assert plan.slots <= 8 < plan.n_blocks  # not the 16 a global row would need
+    covered = sorted(i for c0, c1 in plan.ranges for i in range(c0, c1))
+    dense_blocks = sorted(set((plan.dense.rows // BLOCK).tolist()))
+    assert sorted(covered + dense_blocks) == list(range(plan.n_blocks))  # each row once
+
+    doc_ids = None
+    mask = pattern.dense_mask(seq_len).unsqueeze(0)
+    if docs:
+        doc_ids = (torch.arange(seq_len) >= 100).long().view(1, -1).repeat(2, 1)
+        doc_ids[1] = 0
+        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    q, k, v = qkv(seq_len, dtype)
+    out = sparse_attention(q, k, v, pattern, "blocksparse", BLOCK, document_ids=doc_ids)
+    refs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    expected = reference(*refs, mask)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(out, expected, **tol)
+    for got, want in zip((q, k, v), refs, strict=True):
+        torch.testing.assert_close(got.grad, want.grad, **tol)
+
+
+def test_only_outlier_rows_leave_the_slots():
+    """Causal patterns (a global query sees only its past) and patterns whose rows widen
+    gradually (dense causal, strided) keep every row in the slots; a bidirectional BigBird
+    at 8K keeps 7 slots per row instead of 128."""
+    for name, params, _ in PATTERNS:
+        plan = build_plan(make_pattern(name, causal=True, **params), 4096, 64)
+        assert plan.dense is None, name
+    bigbird = make_pattern("bigbird", causal=False, block=64, window=3, global_blocks=[0], random=3)
+    plan = build_plan(bigbird, 8192, 64)
+    assert plan.slots == 7 and plan.dense is not None and len(plan.dense.rows) == 64
+    assert plan.dense.bias is None  # a global row attends everything: no mask to add
+    flex_plan = build_plan(bigbird, 8192, 64, allow_band=False, dense_rows=False)
+    assert flex_plan.dense is None and flex_plan.slots == 128  # FlexAttention: rows as they are
+
+
 @pytest.mark.parametrize("name,params,causal", CASES)
 def test_reference_and_flex_backends_match_the_dense_mask(name, params, causal):
     pattern = make_pattern(name, causal=causal, **params)

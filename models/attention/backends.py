@@ -296,6 +296,7 @@ def flex_block_mask(pattern: Pattern, geo: BatchGeometry, block_size: int) -> An
         geo.document_ids,
         geo.key_padding_mask,
         allow_band=False,
+        dense_rows=False,
     )
     partial = plan.valid & ~plan.full  # (Bm, Hm, N, K)
     n = plan.n_blocks

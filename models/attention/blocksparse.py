@@ -9,7 +9,11 @@ tiles that are only partly allowed. The kernel walks (batch, head, chunk of quer
     O      = P @ V_slots
 
 and its backward recomputes P chunk by chunk instead of keeping it (as FlashAttention
-does), so memory is O(S * K * bs) per head, never O(S^2). What makes it fast on a CPU:
+does), so memory is O(S * K * bs) per head, never O(S^2). K is the width of the ordinary
+rows: a few query blocks that meet far more key blocks than the rest (the global queries
+of a bidirectional BigBird or Longformer meet all of them) are not padded into every row's
+width but attend all S keys in a dense pass of their own, O(S * their rows) memory.
+What makes it fast on a CPU:
 - Band layouts (sliding windows) read their key slots as a strided view of K, so nothing
   is copied; other layouts gather their key blocks once per chunk into a reused buffer.
 - Every score-sized buffer is allocated once per call and reused chunk after chunk, so it
@@ -23,7 +27,8 @@ blocks, K key slots per query block, bs block size, c query blocks per chunk.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,15 +47,18 @@ class BlockSparsePlan:
     block_size: int
     seq_len: int
     kv_idx: Tensor  # (Bm, Hm, N, K) long, into the key block array (padded when band)
-    chunk: int  # query blocks per kernel step
-    # per chunk: (first slot, end slot, (Bm, Hm, c or 1, bs, (end - first) * bs) fp32 bias,
-    # -inf where disallowed, else 0) for the runs of slots where some tile of the chunk is
+    chunk: int  # most query blocks per kernel step
+    ranges: list[tuple[int, int]]  # the steps' query blocks [c0, c1): every sparse row once
+    # per step: (first slot, end slot, (Bm, Hm, c or 1, bs, (end - first) * bs) fp32 bias,
+    # -inf where disallowed, else 0) for the runs of slots where some tile of the step is
     # partial; full tiles are not masked. One row (broadcast) when every query block of the
-    # chunk has the same mask there, as causal diagonal tiles do.
+    # step has the same mask there, as causal diagonal tiles do.
     masks: list[list[tuple[int, int, Tensor]]]
     band_lead: int | None  # band layouts: key slot s of row i is block i - lead + s
     full: Tensor  # (Bm, Hm, N, K) bool: tile fully allowed
     valid: Tensor  # (Bm, Hm, N, K) bool: slot holds a real, partly allowed tile
+    dense: DenseRows | None = None  # query blocks that attend all keys in a pass of their own
+    _steps: dict[tuple[int, int], list[_Step]] = field(default_factory=dict, repr=False)
 
     @property
     def n_blocks(self) -> int:
@@ -59,6 +67,40 @@ class BlockSparsePlan:
     @property
     def slots(self) -> int:
         return self.kv_idx.shape[3]
+
+    def steps(self, b: int, h: int) -> list[_Step]:
+        """The kernel's steps for batch row b and head h, built once per plan: every index and
+        mask view a step needs, so that the kernel's loop only computes."""
+        bi, hi = min(b, self.kv_idx.shape[0] - 1), min(h, self.kv_idx.shape[1] - 1)
+        if (bi, hi) not in self._steps:
+            self._steps[bi, hi] = _build_steps(self, bi, hi)
+        return self._steps[bi, hi]
+
+
+@dataclass
+class DenseRows:
+    """Query tokens of the blocks too wide for the kernel's slots, attended against every key."""
+
+    rows: Tensor  # (R,) long, query positions below seq_len
+    bias: Tensor | None  # (Bm, Hm, R, S) fp32, -inf where disallowed; None: all allowed
+    chunk: int  # rows per step
+
+    def bias_for(self, b: int, h: int, r0: int, r1: int) -> Tensor | None:
+        if self.bias is None:
+            return None
+        return self.bias[min(b, self.bias.shape[0] - 1), min(h, self.bias.shape[1] - 1), r0:r1]
+
+
+class _Step(NamedTuple):
+    """Query blocks [c0, c1) of one (batch, head): their key blocks, their masks, and the key
+    blocks their slot gradients go to."""
+
+    c0: int
+    c1: int
+    idx: Tensor  # ((c1 - c0) * K,) key block of each slot, row by row
+    masks: list[tuple[int, int, Tensor]]  # (first column, end column, additive bias)
+    dest: Tensor  # key block that each kept slot's gradient is added to
+    keep: Tensor | None  # slots whose gradient is kept (band slots past either end are not)
 
 
 def build_plan(
@@ -69,16 +111,21 @@ def build_plan(
     document_ids: Tensor | None = None,  # (B, S)
     key_padding_mask: Tensor | None = None,  # (B, S) bool, True for real tokens
     allow_band: bool = True,
+    dense_rows: bool = True,
 ) -> BlockSparsePlan:
     """The plan for one batch: analytic layout, slot lists, and partial-tile masks.
 
-    `allow_band=False` forces explicit slot lists (FlexAttention's BlockMask needs them)."""
+    `allow_band=False` forces explicit slot lists and `dense_rows=False` keeps every row in
+    them (FlexAttention's BlockMask needs both: its rows have their own lengths)."""
     bs = block_size
     n = math.ceil(seq_len / bs)
     layout = pattern.block_layout(seq_len, bs).to(device)  # (Hl, N, N)
     layout = layout.unsqueeze(0)  # (1, Hl, N, N)
     if document_ids is not None:
         layout = layout & _document_tiles(document_ids, seq_len, bs)
+    heavy = _wide_rows(layout) if dense_rows else None
+    if heavy is not None:  # the slots leave these rows empty: the dense pass computes them
+        layout = layout & ~heavy.view(1, 1, n, 1)
     band = _band(layout) if allow_band else None
     if band is not None:
         lead, width = band
@@ -112,15 +159,72 @@ def build_plan(
     # every slot: finite, and never read; -inf everywhere would give NaN gradients.
     allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
     chunk = max(1, min(n, CHUNK_BYTES // (4 * bs * bs * width)))
+    sparse = torch.ones(n, dtype=torch.bool) if heavy is None else ~heavy.cpu()
+    ranges = [(c0, min(b, c0 + chunk)) for a, b in _runs(sparse) for c0 in range(a, b, chunk)]
     masks = []
-    for c0 in range(0, n, chunk):
-        rows = slice(c0, min(n, c0 + chunk))
-        partial = ~full[:, :, rows].flatten(0, 2).all(dim=0)  # (K,)
+    for c0, c1 in ranges:
+        partial = ~full[:, :, c0:c1].flatten(0, 2).all(dim=0)  # (K,)
         masks.append(
-            [(a, b, _bias(~allowed[:, :, rows, :, a * bs : b * bs])) for a, b in _runs(partial)]
+            [(a, b, _bias(~allowed[:, :, c0:c1, :, a * bs : b * bs])) for a, b in _runs(partial)]
         )
     lead = band[0] if band is not None else None
-    return BlockSparsePlan(bs, seq_len, kv_idx.contiguous(), chunk, masks, lead, full, valid)
+    dense = None
+    if heavy is not None:
+        dense = _dense_rows(pattern, seq_len, bs, heavy, device, document_ids, key_padding_mask)
+    return BlockSparsePlan(
+        bs, seq_len, kv_idx.contiguous(), chunk, ranges, masks, lead, full, valid, dense
+    )
+
+
+def _wide_rows(layout: Tensor) -> Tensor | None:
+    """(N,) bool: query blocks that meet so many more key blocks than the others (global
+    queries) that padding every row to their width would cost more than a dense pass over
+    them; None when there are none.
+
+    The width w minimises (rows that fit) * w + (rows that do not) * N tiles, over the widths
+    where the rows left out are outliers: each meets more than 2w key blocks, and there are
+    at most N / 16 of them, so the dense pass stays O(S * S / 16) at the very worst."""
+    n = layout.shape[-1]
+    counts = layout.sum(-1).flatten(0, -2).amax(dim=0)  # (N,) widest over batch and heads
+    widths = torch.unique(counts)  # ascending
+    wide = (counts.view(1, -1) > widths.view(-1, 1)).sum(-1)  # rows left out at each width
+    gap = torch.cat([widths[1:], widths[-1:]]) > 2 * widths  # next width is an outlier
+    ok = (wide == 0) | (gap & (wide <= max(1, n // 16)))
+    cost = torch.where(ok, (n - wide) * widths + wide * n, torch.iinfo(torch.int64).max)
+    w = widths[int(torch.argmin(cost))]
+    heavy = counts > w
+    return heavy if bool(heavy.any()) else None
+
+
+def _dense_rows(
+    pattern: Pattern,
+    seq_len: int,
+    bs: int,
+    heavy: Tensor,  # (N,) bool
+    device: torch.device | None,
+    document_ids: Tensor | None,
+    key_padding_mask: Tensor | None,
+) -> DenseRows:
+    """The wide query blocks' tokens and their exact token rule against all keys."""
+    rows = (heavy.nonzero().view(-1, 1) * bs + torch.arange(bs, device=heavy.device)).view(-1)
+    rows = rows[rows < seq_len].to(device)
+    q = rows.view(1, 1, -1, 1)
+    k = torch.arange(seq_len, device=device).view(1, 1, 1, -1)
+    h = torch.arange(pattern.n_heads, device=device).view(1, -1, 1, 1)
+    allowed = pattern.mask_mod_for(seq_len)(None, h if pattern.n_heads > 1 else None, q, k)
+    if document_ids is not None:
+        allowed = allowed & (document_ids[:, None, rows, None] == document_ids[:, None, None, :])
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    while allowed.dim() < 4:
+        allowed = allowed.unsqueeze(0)
+    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)  # as in the slots: finite, unread
+    bias = None
+    if not bool(allowed.all()):
+        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=device)
+        bias.masked_fill_(~allowed, float("-inf"))
+    chunk = max(1, CHUNK_BYTES // (4 * seq_len))
+    return DenseRows(rows, bias, chunk)
 
 
 def _bias(disallowed: Tensor) -> Tensor:
@@ -215,21 +319,32 @@ class _Slots:
     bands (a small zero-padded copy only where a window runs off either end), else a gather
     into a reused buffer."""
 
-    def __init__(self, plan: BlockSparsePlan, x: Tensor, chunk: int) -> None:
+    def __init__(self, plan: BlockSparsePlan, like: Tensor, chunk: int) -> None:
+        """One buffer for every head of a call: a fresh one per head would page-fault."""
         bs, n, K = plan.block_size, plan.n_blocks, plan.slots
         self.bs, self.n, self.K, self.lead = bs, n, K, plan.band_lead
-        D = x.shape[-1]
-        self.x = x if x.shape[0] == n * bs else F.pad(x, (0, 0, 0, n * bs - x.shape[0]))
         rows = (chunk + K - 1) if self.lead is not None else chunk * K
-        self.buf = x.new_empty(rows * bs, D)
+        self.buf = like.new_empty(rows * bs, like.shape[-1])
+        self._views: dict[int, tuple[Tensor, Tensor]] = {}  # c -> (gather target, slots)
 
-    def take(self, idx: Tensor, c0: int, c1: int) -> Tensor:
-        """(c, K*bs, D) slots of query blocks [c0, c1); idx (c, K)."""
+    def of(self, x: Tensor) -> _Slots:
+        """Take slots from x (S, D), one head's keys or values, from now on."""
+        n, bs = self.n, self.bs
+        self.x = x if x.shape[0] == n * bs else F.pad(x, (0, 0, 0, n * bs - x.shape[0]))
+        self.blocks = self.x.view(n, bs, x.shape[-1])
+        return self
+
+    def take(self, step: _Step) -> Tensor:
+        """(c, K*bs, D) slots of the step's query blocks."""
+        c0, c1 = step.c0, step.c1
         c, bs, K, D = c1 - c0, self.bs, self.K, self.x.shape[-1]
         if self.lead is None:
-            out = self.buf[: c * K * bs].view(c * K, bs, D)
-            torch.index_select(self.x.view(-1, bs, D), 0, idx.reshape(-1), out=out)
-            return out.view(c, K * bs, D)
+            if c not in self._views:
+                out = self.buf[: c * K * bs].view(c * K, bs, D)
+                self._views[c] = out, out.view(c, K * bs, D)
+            out, slots = self._views[c]
+            torch.index_select(self.blocks, 0, step.idx, out=out)
+            return slots
         first, last = c0 - self.lead, c1 - 1 - self.lead + K  # key blocks [first, last)
         if first >= 0 and last <= self.n:
             src, offset = self.x, first * bs * D
@@ -241,33 +356,55 @@ class _Slots:
         return src.as_strided((c, K * bs, D), (bs * D, D, 1), src.storage_offset() + offset)
 
 
-def _accumulate(
-    plan: BlockSparsePlan, grad: Tensor, idx: Tensor, c0: int, c1: int, tiles: Tensor
-) -> None:
+def _build_steps(plan: BlockSparsePlan, bi: int, hi: int) -> list[_Step]:
+    bs, n, K = plan.block_size, plan.n_blocks, plan.slots
+    idx = plan.kv_idx[bi, hi]
+    steps = []
+    for (c0, c1), chunk_masks in zip(plan.ranges, plan.masks, strict=True):
+        masks = [
+            (a * bs, b * bs, bias[min(bi, bias.shape[0] - 1), min(hi, bias.shape[1] - 1)])
+            for a, b, bias in chunk_masks
+        ]
+        flat, keep = idx[c0:c1].reshape(-1), None
+        dest = flat
+        if plan.band_lead is not None:
+            rows = torch.arange(c0, c1, device=idx.device).view(-1, 1)
+            dest = (rows - plan.band_lead + torch.arange(K, device=idx.device)).reshape(-1)
+            if c0 < plan.band_lead or c1 - 1 - plan.band_lead + K > n:
+                keep = ((dest >= 0) & (dest < n)).nonzero().view(-1)  # padding takes no gradient
+                dest = dest[keep]
+        steps.append(_Step(c0, c1, flat, masks, dest, keep))
+    return steps
+
+
+def _accumulate(grad: Tensor, step: _Step, tiles: Tensor) -> None:
     """grad (N, bs, D) += the slot gradients `tiles` (c*K, bs, D) at their key blocks."""
-    if plan.band_lead is None:
-        grad.index_add_(0, idx[c0:c1].reshape(-1), tiles)
-        return
-    rows = torch.arange(c0, c1, device=grad.device).view(-1, 1)
-    blocks = (rows - plan.band_lead + torch.arange(plan.slots, device=grad.device)).reshape(-1)
-    if c0 < plan.band_lead or c1 - 1 - plan.band_lead + plan.slots > grad.shape[0]:
-        inside = (blocks >= 0) & (blocks < grad.shape[0])  # padding blocks take no gradient
-        blocks, tiles = blocks[inside], tiles[inside]
-    grad.index_add_(0, blocks, tiles)
+    grad.index_add_(0, step.dest, tiles if step.keep is None else tiles.index_select(0, step.keep))
 
 
-def _apply_masks(s: Tensor, plan: BlockSparsePlan, bi: int, hi: int, c0: int) -> None:
-    bs = plan.block_size
-    for a, b, bias in plan.masks[c0 // plan.chunk]:
-        s[..., a * bs : b * bs].add_(bias[min(bi, bias.shape[0] - 1), min(hi, bias.shape[1] - 1)])
+def _apply_masks(s: Tensor, step: _Step) -> None:
+    for lo, hi, bias in step.masks:
+        s[..., lo:hi].add_(bias)
 
 
-def _blocks(x: Tensor, n: int, bs: int) -> Tensor:
-    """(S, D) -> (N, bs, D) contiguous, zero-padded to N * bs rows; a copy of one head only
-    where needed (a transposed or expanded input, a length not a multiple of the block)."""
-    if x.shape[0] != n * bs:
-        x = F.pad(x, (0, 0, 0, n * bs - x.shape[0]))
-    return x.contiguous().view(n, bs, x.shape[-1])
+class _Blocks:
+    """One head's rows (S, D) as blocks (N, bs, D): a view of the input itself when its rows
+    are evenly strided (the GEMMs read strided rows, so a (B, S, H, D) layout transposed to
+    heads is not copied), else a copy into one zero-padded buffer that every head of a call
+    reuses (an expanded gradient, a length that is not a multiple of the block)."""
+
+    def __init__(self, n: int, bs: int) -> None:
+        self.n, self.bs = n, bs
+        self.buf: Tensor | None = None
+
+    def of(self, x: Tensor) -> Tensor:
+        (S, D), n, bs = x.shape, self.n, self.bs
+        if n * bs == S and x.stride(1) == 1 and x.stride(0) >= D:
+            return x.view(n, bs, D)
+        if self.buf is None:
+            self.buf = x.new_zeros(n * bs, D)
+        self.buf[:S].copy_(x)
+        return self.buf.view(n, bs, D)
 
 
 class BlockSparseAttention(torch.autograd.Function):
@@ -282,22 +419,23 @@ class BlockSparseAttention(torch.autograd.Function):
         scale = 1.0 / math.sqrt(D)  # applied inside the GEMMs (baddbmm's alpha), never to Q
         out = q.new_empty(B, H, n * bs, D)
         scores = q.new_empty(chunk, bs, K * bs)
+        key_slots, value_slots = _Slots(plan, k, chunk), _Slots(plan, v, chunk)
+        queries = _Blocks(n, bs)
+        dense = _DensePass(plan.dense, q, scale)
         for b in range(B):
             for h in range(H):
-                bi, hi = min(b, plan.kv_idx.shape[0] - 1), min(h, plan.kv_idx.shape[1] - 1)
-                idx = plan.kv_idx[bi, hi]
-                keys = _Slots(plan, k[b, h // groups], chunk)
-                values = _Slots(plan, v[b, h // groups], chunk)
-                qh, oh = _blocks(q[b, h], n, bs), out[b, h].view(n, bs, D)
-                for c0 in range(0, n, chunk):
-                    c1 = min(n, c0 + chunk)
-                    kg = keys.take(idx[c0:c1], c0, c1)
-                    s = scores[: c1 - c0]
-                    torch.baddbmm(s, qh[c0:c1], kg.transpose(1, 2), beta=0, alpha=scale, out=s)
-                    _apply_masks(s, plan, bi, hi, c0)
+                kvh = h // groups
+                keys, values = key_slots.of(k[b, kvh]), value_slots.of(v[b, kvh])
+                qh, oh = queries.of(q[b, h]), out[b, h].view(n, bs, D)
+                for step in plan.steps(b, h):
+                    q_c, c = qh[step.c0 : step.c1], step.c1 - step.c0
+                    s = scores if c == chunk else scores[:c]
+                    torch.baddbmm(s, q_c, keys.take(step).mT, beta=0, alpha=scale, out=s)
+                    _apply_masks(s, step)
                     torch._softmax(s, -1, False, out=s)  # in place: the row is in cache
                     # values gathered only now, so that fewer buffers compete for the cache
-                    torch.bmm(s, values.take(idx[c0:c1], c0, c1), out=oh[c0:c1])
+                    torch.bmm(s, values.take(step), out=oh[step.c0 : step.c1])
+                dense.forward(b, h, q[b, h], k[b, kvh], v[b, kvh], out[b, h])
         ctx.save_for_backward(q, k, v)
         ctx.plan, ctx.chunk, ctx.seq_len = plan, chunk, S
         return out if n * bs == S else out[:, :, :S].clone()
@@ -316,6 +454,9 @@ class BlockSparseAttention(torch.autograd.Function):
         s_buf = q.new_empty(chunk, bs, K * bs)
         ds_buf = q.new_empty(chunk, bs, K * bs)
         dkv_buf = q.new_empty(chunk, K * bs, D)  # dV of the slots, then their dK
+        key_slots, value_slots = _Slots(plan, k, chunk), _Slots(plan, v, chunk)
+        queries, grads = _Blocks(n, bs), _Blocks(n, bs)
+        dense = _DensePass(plan.dense, q, scale)
         for b in range(B):
             for kvh in range(k.shape[1]):
                 # gradients accumulate per key block, in place unless S % bs needs padding
@@ -324,37 +465,88 @@ class BlockSparseAttention(torch.autograd.Function):
                     q.new_zeros(n, bs, D) if padded else g[b, kvh].view(n, bs, D).zero_()
                     for g in (dk, dv)
                 )
-                keys = _Slots(plan, k[b, kvh], chunk)
-                values = _Slots(plan, v[b, kvh], chunk)
+                keys, values = key_slots.of(k[b, kvh]), value_slots.of(v[b, kvh])
                 for h in range(kvh * groups, (kvh + 1) * groups):
-                    bi, hi = min(b, plan.kv_idx.shape[0] - 1), min(h, plan.kv_idx.shape[1] - 1)
-                    idx = plan.kv_idx[bi, hi]
-                    qh, doh = _blocks(q[b, h], n, bs), _blocks(grad_out[b, h], n, bs)
+                    qh, doh = queries.of(q[b, h]), grads.of(grad_out[b, h])
                     dqh = dq[b, h].view(n, bs, D)
-                    for c0 in range(0, n, chunk):
-                        c1 = min(n, c0 + chunk)
-                        c = c1 - c0
+                    for step in plan.steps(b, h):
+                        c0, c1 = step.c0, step.c1
+                        q_c, do_c, dq_c, c = qh[c0:c1], doh[c0:c1], dqh[c0:c1], c1 - c0
+                        s, ds, dkv = (x if c == chunk else x[:c] for x in (s_buf, ds_buf, dkv_buf))
+                        dkv_tiles = dkv.view(c * K, bs, D)
                         # in an order that keeps few score- or slot-sized buffers live at once
-                        kg = keys.take(idx[c0:c1], c0, c1)
-                        s = s_buf[:c]
-                        torch.baddbmm(s, qh[c0:c1], kg.transpose(1, 2), beta=0, alpha=scale, out=s)
-                        _apply_masks(s, plan, bi, hi, c0)
+                        kg = keys.take(step)
+                        torch.baddbmm(s, q_c, kg.mT, beta=0, alpha=scale, out=s)
+                        _apply_masks(s, step)
                         p = torch._softmax(s, -1, False, out=s)  # recomputed, in place
-                        dvg = torch.bmm(p.transpose(1, 2), doh[c0:c1], out=dkv_buf[:c])
-                        _accumulate(plan, gv, idx, c0, c1, dvg.view(c * K, bs, D))
+                        torch.bmm(p.mT, do_c, out=dkv)  # dV of the slots
+                        _accumulate(gv, step, dkv_tiles)
                         # dS = P * (dP - rowsum(P * dP)): softmax's own fused backward
-                        vg = values.take(idx[c0:c1], c0, c1)
-                        dp = torch.bmm(doh[c0:c1], vg.transpose(1, 2), out=ds_buf[:c])
-                        ds = _softmax_backward(dp, p, -1, p.dtype, grad_input=dp)
-                        dq_c, dkg = dqh[c0:c1], dkv_buf[:c]
+                        torch.bmm(do_c, values.take(step).mT, out=ds)
+                        _softmax_backward(ds, p, -1, p.dtype, grad_input=ds)
                         torch.baddbmm(dq_c, ds, kg, beta=0, alpha=scale, out=dq_c)
-                        torch.baddbmm(
-                            dkg, ds.transpose(1, 2), qh[c0:c1], beta=0, alpha=scale, out=dkg
-                        )
-                        _accumulate(plan, gk, idx, c0, c1, dkg.view(c * K, bs, D))
+                        torch.baddbmm(dkv, ds.mT, q_c, beta=0, alpha=scale, out=dkv)  # dK
+                        _accumulate(gk, step, dkv_tiles)
+                    dense.backward(
+                        b,
+                        h,
+                        (q[b, h], k[b, kvh], v[b, kvh], grad_out[b, h]),
+                        (dq[b, h], gk.view(n * bs, D)[:S], gv.view(n * bs, D)[:S]),
+                    )
                 if padded:
                     dk[b, kvh], dv[b, kvh] = gk.view(n * bs, D)[:S], gv.view(n * bs, D)[:S]
         return dq if n * bs == S else dq[:, :, :S], dk, dv, None
+
+
+class _DensePass:
+    """The plan's wide query rows against all S keys of one head: plain masked softmax
+    attention, a few rows at a time, in buffers that every head of a call reuses."""
+
+    def __init__(self, dense: DenseRows | None, like: Tensor, scale: float) -> None:
+        self.dense, self.scale = dense, scale
+        if dense is not None:
+            S, D, rows = like.shape[2], like.shape[3], min(dense.chunk, len(dense.rows))
+            self.s, self.ds = like.new_empty(rows, S), like.new_empty(rows, S)
+            self.small = like.new_empty(rows, D)
+
+    def _scores(self, b: int, h: int, r0: int, r1: int, q_r: Tensor, k: Tensor) -> Tensor:
+        s, bias = self.s[: r1 - r0], self.dense.bias_for(b, h, r0, r1)  # type: ignore[union-attr]
+        if bias is None:
+            torch.addmm(s, q_r, k.mT, beta=0, alpha=self.scale, out=s)
+        else:  # the mask is added by the GEMM itself
+            torch.addmm(bias.to(s.dtype), q_r, k.mT, alpha=self.scale, out=s)
+        return torch._softmax(s, -1, False, out=s)
+
+    def forward(self, b: int, h: int, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> None:
+        """out (N*bs, D) rows of the dense rows from q, k, v (S, D) of one head."""
+        if self.dense is None:
+            return
+        rows_all = self.dense.rows
+        for r0 in range(0, len(rows_all), self.dense.chunk):
+            rows = rows_all[r0 : r0 + self.dense.chunk]
+            p = self._scores(b, h, r0, r0 + len(rows), q.index_select(0, rows), k)
+            out.index_copy_(0, rows, torch.mm(p, v, out=self.small[: len(rows)]))
+
+    def backward(
+        self, b: int, h: int, inputs: tuple[Tensor, ...], grads: tuple[Tensor, Tensor, Tensor]
+    ) -> None:
+        """dq's dense rows are written; dk and dv (S, D) accumulate their part."""
+        if self.dense is None:
+            return
+        q, k, v, grad_out = inputs
+        dq, dk, dv = grads
+        rows_all = self.dense.rows
+        for r0 in range(0, len(rows_all), self.dense.chunk):
+            rows = rows_all[r0 : r0 + self.dense.chunk]
+            r = len(rows)
+            q_r, do_r = q.index_select(0, rows), grad_out.index_select(0, rows)
+            p = self._scores(b, h, r0, r0 + r, q_r, k)
+            dv.addmm_(p.mT, do_r)
+            ds = torch.mm(do_r, v.mT, out=self.ds[:r])
+            _softmax_backward(ds, p, -1, p.dtype, grad_input=ds)
+            dq_r = torch.addmm(self.small[:r], ds, k, beta=0, alpha=self.scale, out=self.small[:r])
+            dq.index_copy_(0, rows, dq_r)
+            dk.addmm_(ds.mT, q_r, alpha=self.scale)
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, plan: BlockSparsePlan) -> Tensor:
