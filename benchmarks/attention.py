@@ -8,6 +8,9 @@ block-sparse kernel computes), its speedup over dense, and its ideal speedup (de
 pairs over the pairs the block layout computes). Also the time to build each layout.
 
     python benchmarks/attention.py --seq-lens 1024 16384 --patterns sliding_window bigbird
+
+With --bidirectional, the encoder case: every pattern that has a bidirectional form against
+dense SDPA without a causal mask (ideal speedups then count all S x S pairs).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ PATTERNS: dict[str, dict[str, Any]] = {
     "bigbird": {"block": 64, "window": 3, "global_blocks": [0], "random": 3},
     "variable": {"block": 64, "local_windows": [8], "global_blocks": [0]},
 }
+CAUSAL_ONLY = {"strided", "fixed"}  # Child et al. define them for causal attention only
 CPU_FLEX_MAX_LEN = 4096  # eager FlexAttention on CPU materialises S x S scores
 
 
@@ -150,20 +154,22 @@ def bench_length(
     record: Callable[..., None],
     layouts: list[dict[str, Any]],
 ) -> None:
-    """Dense SDPA causal, then every pattern on every backend, at one sequence length."""
+    """Dense SDPA (causal unless --bidirectional), then every pattern on every backend, at
+    one sequence length."""
+    causal = not args.bidirectional
     shape = (args.batch, args.heads, seq_len, args.head_dim)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-    dense_pairs = seq_len * (seq_len + 1) // 2
+    dense_pairs = seq_len * (seq_len + 1) // 2 if causal else seq_len**2
     common = {"dtype": args.dtype, "seq_len": seq_len}
 
     baseline: dict[str, float] = {}
-    dense = passes(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v))
+    dense = passes(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), (q, k, v))
     for name, fn in dense.items():
         times, peak = timed(fn, args.repeats, device)
         baseline[name] = min(times)
         record(
             pattern="dense",
-            params={"causal": True},
+            params={"causal": causal},
             backend="sdpa",
             **common,
             **{"pass": name},
@@ -176,7 +182,9 @@ def bench_length(
         )
 
     for pname in args.patterns:
-        pattern = make_pattern(pname, causal=True, **PATTERNS[pname])
+        if not causal and pname in CAUSAL_ONLY:
+            continue
+        pattern = make_pattern(pname, causal=causal, **PATTERNS[pname])
         layouts.append(layout_timing(pname, seq_len, args.block_size))
         pairs = computed_pairs(pattern, seq_len, args.block_size)
         for bname in args.backends:
@@ -197,7 +205,7 @@ def bench_length(
                 times, peak = timed(fn, args.repeats, device)
                 record(
                     pattern=pname,
-                    params=PATTERNS[pname],
+                    params={**PATTERNS[pname], "causal": causal},
                     backend=bname,
                     **common,
                     **{"pass": name},
@@ -225,6 +233,11 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--bidirectional",
+        action="store_true",
+        help="encoder attention: bidirectional patterns against dense SDPA without a mask",
+    )
     ap.add_argument(
         "--layout-lens",
         type=int,
@@ -259,6 +272,7 @@ def main() -> None:
         "batch": args.batch,
         "block_size": args.block_size,
         "repeats": args.repeats,
+        "causal": not args.bidirectional,
     }
     out.write_text(json.dumps({"meta": meta, "records": records, "layouts": layouts}, indent=1))
     plot(records, out.with_suffix(".png"))
