@@ -319,12 +319,15 @@ class _Slots:
     bands (a small zero-padded copy only where a window runs off either end), else a gather
     into a reused buffer."""
 
-    def __init__(self, plan: BlockSparsePlan, like: Tensor, chunk: int) -> None:
-        """One buffer for every head of a call: a fresh one per head would page-fault."""
+    def __init__(
+        self, plan: BlockSparsePlan, like: Tensor, chunk: int, buf: Tensor | None = None
+    ) -> None:
+        """One buffer for every head of a call (a fresh one per head would page-fault), or
+        `buf`, (chunk * K * bs, D), when the caller has one free while slots are in use."""
         bs, n, K = plan.block_size, plan.n_blocks, plan.slots
         self.bs, self.n, self.K, self.lead = bs, n, K, plan.band_lead
         rows = (chunk + K - 1) if self.lead is not None else chunk * K
-        self.buf = like.new_empty(rows * bs, like.shape[-1])
+        self.buf = like.new_empty(rows * bs, like.shape[-1]) if buf is None else buf
         self._views: dict[int, tuple[Tensor, Tensor]] = {}  # c -> (gather target, slots)
 
     def of(self, x: Tensor) -> _Slots:
@@ -419,7 +422,8 @@ class BlockSparseAttention(torch.autograd.Function):
         scale = 1.0 / math.sqrt(D)  # applied inside the GEMMs (baddbmm's alpha), never to Q
         out = q.new_empty(B, H, n * bs, D)
         scores = q.new_empty(chunk, bs, K * bs)
-        key_slots, value_slots = _Slots(plan, k, chunk), _Slots(plan, v, chunk)
+        key_slots = _Slots(plan, k, chunk)
+        value_slots = _Slots(plan, v, chunk, buf=key_slots.buf)  # keys are done with by then
         queries = _Blocks(n, bs)
         dense = _DensePass(plan.dense, q, scale)
         for b in range(B):
@@ -453,8 +457,9 @@ class BlockSparseAttention(torch.autograd.Function):
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         s_buf = q.new_empty(chunk, bs, K * bs)
         ds_buf = q.new_empty(chunk, bs, K * bs)
-        dkv_buf = q.new_empty(chunk, K * bs, D)  # dV of the slots, then their dK
-        key_slots, value_slots = _Slots(plan, k, chunk), _Slots(plan, v, chunk)
+        dkv_buf = q.new_empty(chunk, K * bs, D)  # dV of the slots, then V's slots, then dK
+        key_slots = _Slots(plan, k, chunk)
+        value_slots = _Slots(plan, v, chunk, buf=dkv_buf.view(-1, D))
         queries, grads = _Blocks(n, bs), _Blocks(n, bs)
         dense = _DensePass(plan.dense, q, scale)
         for b in range(B):
