@@ -232,6 +232,27 @@ def test_blocksparse_memory_is_linear_in_length():
     assert plan.band_lead == 2 and plan.slots == 3  # a band: K/V read as strided views
 
 
+def test_blocksparse_plans_are_built_once_per_length():
+    """Without documents or padding a plan depends on the length alone: every step after the
+    first reuses it; a batch with documents gets its own; a pickled model carries none."""
+    import pickle
+
+    backend = make_backend("blocksparse", make_pattern("bigbird", causal=True), 16)
+    geo = BatchGeometry(q_len=256, kv_len=256)
+    first = backend.prepare(geo, torch.float32)
+    assert backend.prepare(BatchGeometry(q_len=256, kv_len=256), torch.float32) is first
+    assert backend.prepare(BatchGeometry(q_len=128, kv_len=128), torch.float32) is not first
+    docs = torch.zeros(1, 256, dtype=torch.long)
+    with_docs = backend.prepare(BatchGeometry(q_len=256, kv_len=256, document_ids=docs), None)
+    assert with_docs is not first and with_docs is not backend.prepare(
+        BatchGeometry(q_len=256, kv_len=256, document_ids=docs), None
+    )
+    for length in (64, 80, 96, 112, 128):  # the cache keeps the last few lengths only
+        backend.prepare(BatchGeometry(q_len=length, kv_len=length), torch.float32)
+    assert len(backend._plans) == backend.PLAN_CACHE
+    assert pickle.loads(pickle.dumps(backend))._plans == {}
+
+
 # ------------------------------------------------------------- the papers, by hand
 
 

@@ -216,6 +216,14 @@ class BlockSparseBackend(Backend):
     name: ClassVar[str] = "blocksparse"
     supports_alibi: ClassVar[bool] = False
     supports_dropout: ClassVar[bool] = False
+    PLAN_CACHE: ClassVar[int] = 4  # plans kept per backend, by length and device
+
+    def __init__(self, pattern: Pattern, block_size: int = 64) -> None:
+        super().__init__(pattern, block_size)
+        self._plans: dict[tuple[int, str], BlockSparsePlan] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_plans": {}}  # a pickled model carries no plans
 
     @classmethod
     def supports(cls, pattern: Pattern) -> bool:
@@ -224,14 +232,23 @@ class BlockSparseBackend(Backend):
     def prepare(self, geo: BatchGeometry, dtype: torch.dtype) -> Any:
         if not geo.is_aligned:
             return dense_bias(self.pattern, geo, dtype)
-        return build_plan(
-            self.pattern,
-            geo.q_len,
-            self.block_size,
-            geo.device,
-            geo.document_ids,
-            geo.key_padding_mask,
-        )
+        if geo.document_ids is not None or geo.key_padding_mask is not None:
+            return build_plan(
+                self.pattern,
+                geo.q_len,
+                self.block_size,
+                geo.device,
+                geo.document_ids,
+                geo.key_padding_mask,
+            )
+        # Without documents or padding the plan depends on the length alone: built once, not
+        # every step (about 0.1 s at 16K tokens).
+        key = (geo.q_len, str(geo.device))
+        if key not in self._plans:
+            if len(self._plans) >= self.PLAN_CACHE:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = build_plan(self.pattern, geo.q_len, self.block_size, geo.device)
+        return self._plans[key]
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: Any, dropout_p: float) -> Tensor:
         if isinstance(prepared, BlockSparsePlan):
