@@ -309,7 +309,10 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length (tokens)")
-        ax.set_title(f"attention {pass_name} (flex: CPU forward only, up to 4K)")
+        mode = (
+            "causal" if all(r["params"].get("causal", True) for r in records) else "bidirectional"
+        )
+        ax.set_title(f"{mode} attention {pass_name} (flex: CPU forward only, up to 4K)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("time (ms, min of repeats)")
     handles = [plt.Line2D([], [], color=colors[label], marker="o") for label in labels]
