@@ -73,6 +73,20 @@ def qkv(seq_len, dtype, heads=4, kv_heads=2, dim=16, seed=0):
     return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
 
 
+def assert_matches_reference(out, inputs, mask):
+    """`out` and the gradients of `inputs` equal the reference's (looser for bf16)."""
+    refs = [t.detach().clone().requires_grad_() for t in inputs]
+    expected = reference(*refs, mask)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    fp32 = out.dtype == torch.float32
+    tol = dict(atol=2e-5, rtol=1e-4) if fp32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(out, expected, **tol)
+    for got, want in zip(inputs, refs, strict=True):
+        torch.testing.assert_close(got.grad, want.grad, **tol)
+
+
 @pytest.fixture(params=[1 << 21, 6000], ids=["one-chunk", "many-chunks"])
 def chunk_bytes(request, monkeypatch):
     monkeypatch.setattr(blocksparse_module, "CHUNK_BYTES", request.param)
@@ -88,15 +102,7 @@ def test_blocksparse_matches_reference_forward_and_backward(
     q, k, v = qkv(seq_len, dtype)
     out = sparse_attention(q, k, v, pattern, "blocksparse", block_size=BLOCK)
     mask = pattern.dense_mask(seq_len).unsqueeze(0)
-    refs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    expected = reference(*refs, mask)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    expected.backward(grad)
-    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
-    torch.testing.assert_close(out, expected, **tol)
-    for got, want in zip((q, k, v), refs, strict=True):
-        torch.testing.assert_close(got.grad, want.grad, **tol)
+    assert_matches_reference(out, (q, k, v), mask)
 
 
 WIDE_ROWS = [  # bidirectional patterns whose global query blocks meet every key block
@@ -130,15 +136,7 @@ def test_wide_query_rows_take_a_dense_pass(name, params, dtype, seq_len, docs, c
         mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
     q, k, v = qkv(seq_len, dtype)
     out = sparse_attention(q, k, v, pattern, "blocksparse", BLOCK, document_ids=doc_ids)
-    refs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    expected = reference(*refs, mask)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    expected.backward(grad)
-    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
-    torch.testing.assert_close(out, expected, **tol)
-    for got, want in zip((q, k, v), refs, strict=True):
-        torch.testing.assert_close(got.grad, want.grad, **tol)
+    assert_matches_reference(out, (q, k, v), mask)
 
 
 def test_only_outlier_rows_leave_the_slots():
