@@ -105,6 +105,24 @@ def test_blocksparse_matches_reference_forward_and_backward(
     assert_matches_reference(out, (q, k, v), mask)
 
 
+@pytest.mark.parametrize("seq_len", [64, 75], ids=["multiple", "not-multiple"])
+@pytest.mark.parametrize("name,params,causal", [c for c in CASES if c.values[0] != "dense"])
+def test_blocksparse_reads_heads_split_from_the_model_layout(
+    name, params, causal, seq_len, chunk_bytes
+):
+    """A model splits heads from (B, S, H, D), so each head's rows are strided: the kernel
+    must read them where they lie (a sliding window once read them as if contiguous)."""
+    pattern = make_pattern(name, causal=causal, **params)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (
+        torch.randn(2, seq_len, h, 16, generator=g).transpose(1, 2).requires_grad_()
+        for h in (4, 2, 2)
+    )
+    assert not k.is_contiguous()
+    out = sparse_attention(q, k, v, pattern, "blocksparse", block_size=BLOCK)
+    assert_matches_reference(out, (q, k, v), pattern.dense_mask(seq_len).unsqueeze(0))
+
+
 WIDE_ROWS = [  # bidirectional patterns whose global query blocks meet every key block
     pytest.param(
         "bigbird", {"block": 16, "window": 3, "global_blocks": [0], "random": 2}, id="bigbird"

@@ -333,6 +333,8 @@ class _Slots:
     def of(self, x: Tensor) -> _Slots:
         """Take slots from x (S, D), one head's keys or values, from now on."""
         n, bs = self.n, self.bs
+        if x.stride(-1) != 1:  # the GEMMs read rows with unit stride
+            x = x.contiguous()
         self.x = x if x.shape[0] == n * bs else F.pad(x, (0, 0, 0, n * bs - x.shape[0]))
         self.blocks = self.x.view(n, bs, x.shape[-1])
         return self
@@ -350,13 +352,17 @@ class _Slots:
             return slots
         first, last = c0 - self.lead, c1 - 1 - self.lead + K  # key blocks [first, last)
         if first >= 0 and last <= self.n:
-            src, offset = self.x, first * bs * D
+            src, offset = self.x, first * bs
         else:  # a window runs off an end: copy the chunk's span with zero blocks around it
             src, offset = self.buf[: (last - first) * bs], 0
             src.zero_()
             lo, hi = max(first, 0), min(last, self.n)
             src[(lo - first) * bs : (hi - first) * bs] = self.x[lo * bs : hi * bs]
-        return src.as_strided((c, K * bs, D), (bs * D, D, 1), src.storage_offset() + offset)
+        # rows keep their own stride: heads split from (B, S, H, D) are read where they lie
+        row = src.stride(0)
+        return src.as_strided(
+            (c, K * bs, D), (bs * row, row, 1), src.storage_offset() + offset * row
+        )
 
 
 def _build_steps(plan: BlockSparsePlan, bi: int, hi: int) -> list[_Step]:
