@@ -16,6 +16,8 @@ width but attend all S keys in a dense pass of their own, O(S * their rows) memo
 What makes it fast on a CPU:
 - Band layouts (sliding windows) read their key slots as a strided view of K, so nothing
   is copied; other layouts gather their key blocks once per chunk into a reused buffer.
+  A head whose rows are not contiguous (split from the model's (B, S, H, D)) is first
+  copied into a buffer that every head reuses: strided rows are slower than the copy.
 - Every score-sized buffer is allocated once per call and reused chunk after chunk, so it
   stays in cache and never page-faults; fully allowed tiles are never masked.
 - Softmax and its backward are PyTorch's fused kernels, one pass each over a chunk.
