@@ -22,7 +22,7 @@ def _rank(rank: int, world: int, port: int, data_dir: str, out_dir: str) -> None
     import pipeline.train.worker as worker_module
     from pipeline.config import load_spec
     from pipeline.train.ops import init_loopback_group
-    from pipeline.train.zero import share_master_weights
+    from pipeline.train.zero import partitions, share_master_weights
 
     init_loopback_group(rank, world, port)
     torch.set_num_threads(1)
@@ -57,28 +57,19 @@ def _rank(rank: int, world: int, port: int, data_dir: str, out_dir: str) -> None
                 )
                 w.build()
                 losses = [w.train_step(step) for step in range(STEPS)]
-                opt = w.engine.optimizer
-                if stage < 3:
-                    own = [p for g in opt.parallel_partitioned_bit16_groups for p in [g[rank]]]
-                    masters = opt.single_partition_of_fp32_groups
-                else:
-                    own, masters = (
-                        opt.fp16_partitioned_groups_flat,
-                        opt.fp32_partitioned_groups_flat,
-                    )
-                torch.save([t.clone() for t in own], run_dir / f"own-{rank}.pt")
+                pairs = partitions(w.engine.optimizer)
+                assert pairs, stage
+                torch.save([own.clone() for _, own in pairs], run_dir / f"own-{rank}.pt")
                 results.append(
                     {
                         "stage": stage,
                         "share": share,
                         "rank": rank,
                         "losses": losses,
-                        "aliased": [
-                            m.data_ptr() == o.data_ptr() for m, o in zip(masters, own, strict=True)
-                        ],
+                        "aliased": [m.data_ptr() == o.data_ptr() for m, o in pairs],
                     }
                 )
-                del w, opt
+                del w, pairs
                 dist.barrier()
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))

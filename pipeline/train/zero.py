@@ -21,26 +21,32 @@ from typing import Any
 import torch
 
 
+def partitions(optimizer: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(master, model's own) flat partition of each parameter group of this rank, for a ZeRO
+    optimizer (stages 1 to 3); empty for any other optimizer."""
+    if hasattr(optimizer, "single_partition_of_fp32_groups"):  # ZeRO-1 and 2
+        pairs = []
+        for i, master in enumerate(optimizer.single_partition_of_fp32_groups):
+            rank = torch.distributed.get_rank(group=optimizer.real_dp_process_group[i])
+            pairs.append((master, optimizer.parallel_partitioned_bit16_groups[i][rank]))
+        return pairs
+    if hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        masters = optimizer.fp32_partitioned_groups_flat
+        return list(zip(masters, optimizer.fp16_partitioned_groups_flat, strict=True))
+    return []
+
+
 def share_master_weights(optimizer: Any) -> int:
     """Make a ZeRO optimizer's fp32 master partitions the model's own partitions where both
     are the same dtype on the same device (not with optimizer offload or NVMe swapping).
     Returns the bytes of master copy freed (0 when there is nothing to share)."""
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if hasattr(optimizer, "single_partition_of_fp32_groups"):  # ZeRO-1 and 2
-        if getattr(optimizer, "cpu_offload", False):
-            return 0
-        for i, master in enumerate(optimizer.single_partition_of_fp32_groups):
-            rank = torch.distributed.get_rank(group=optimizer.real_dp_process_group[i])
-            pairs.append((master, optimizer.parallel_partitioned_bit16_groups[i][rank]))
-    elif hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
-        if getattr(optimizer, "offload_optimizer", False) or getattr(
-            optimizer, "swap_optimizer", False
-        ):
-            return 0
-        masters = optimizer.fp32_partitioned_groups_flat
-        pairs = list(zip(masters, optimizer.fp16_partitioned_groups_flat, strict=True))
+    if any(
+        getattr(optimizer, flag, False)
+        for flag in ("cpu_offload", "offload_optimizer", "swap_optimizer")
+    ):
+        return 0
     freed = 0
-    for master, own in pairs:
+    for master, own in partitions(optimizer):
         if own is None or master.data_ptr() == own.data_ptr():
             continue
         if master.dtype != own.dtype or master.device != own.device or master.shape != own.shape:
