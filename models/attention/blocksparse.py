@@ -73,10 +73,16 @@ class BlockSparsePlan:
     def steps(self, b: int, h: int) -> list[_Step]:
         """The kernel's steps for batch row b and head h, built once per plan: every index and
         mask view a step needs, so that the kernel's loop only computes."""
-        bi, hi = min(b, self.kv_idx.shape[0] - 1), min(h, self.kv_idx.shape[1] - 1)
+        bi, hi = _broadcast_index(self.kv_idx, b, h)
         if (bi, hi) not in self._steps:
             self._steps[bi, hi] = _build_steps(self, bi, hi)
         return self._steps[bi, hi]
+
+
+def _broadcast_index(t: Tensor, b: int, h: int) -> tuple[int, int]:
+    """Index of batch row b and head h in t (Bm, Hm, ...), where Bm and Hm are 1 when every
+    batch row or every head shares it."""
+    return min(b, t.shape[0] - 1), min(h, t.shape[1] - 1)
 
 
 @dataclass
@@ -90,7 +96,7 @@ class DenseRows:
     def bias_for(self, b: int, h: int, r0: int, r1: int) -> Tensor | None:
         if self.bias is None:
             return None
-        return self.bias[min(b, self.bias.shape[0] - 1), min(h, self.bias.shape[1] - 1), r0:r1]
+        return self.bias[(*_broadcast_index(self.bias, b, h), slice(r0, r1))]
 
 
 class _Step(NamedTuple):
@@ -358,10 +364,7 @@ class _Slots:
             src.zero_()
             lo, hi = max(first, 0), min(last, self.n)
             src[(lo - first) * bs : (hi - first) * bs] = self.x[lo * bs : hi * bs]
-        row = src.stride(0)  # D: `of` gives contiguous rows
-        return src.as_strided(
-            (c, K * bs, D), (bs * row, row, 1), src.storage_offset() + offset * row
-        )
+        return src.as_strided((c, K * bs, D), (bs * D, D, 1), src.storage_offset() + offset * D)
 
 
 def _build_steps(plan: BlockSparsePlan, bi: int, hi: int) -> list[_Step]:
@@ -370,8 +373,7 @@ def _build_steps(plan: BlockSparsePlan, bi: int, hi: int) -> list[_Step]:
     steps = []
     for (c0, c1), chunk_masks in zip(plan.ranges, plan.masks, strict=True):
         masks = [
-            (a * bs, b * bs, bias[min(bi, bias.shape[0] - 1), min(hi, bias.shape[1] - 1)])
-            for a, b, bias in chunk_masks
+            (a * bs, b * bs, bias[_broadcast_index(bias, bi, hi)]) for a, b, bias in chunk_masks
         ]
         flat, keep = idx[c0:c1].reshape(-1), None
         dest = flat
