@@ -18,6 +18,7 @@ from models.attention import (
     build_plan,
     make_backend,
     make_pattern,
+    native,
     sparse_attention,
 )
 from models.attention.adaptive_span import clamp_spans, current_spans, span_penalty
@@ -87,9 +88,29 @@ def assert_matches_reference(out, inputs, mask):
         torch.testing.assert_close(got.grad, want.grad, **tol)
 
 
-@pytest.fixture(params=[1 << 21, 6000], ids=["one-chunk", "many-chunks"])
-def chunk_bytes(request, monkeypatch):
-    monkeypatch.setattr(blocksparse_module, "CHUNK_BYTES", request.param)
+@pytest.fixture
+def two_threads():
+    """Two cores, as on the CI machine: the tests' 4 (batch, head) pairs are enough for the
+    native loop, which runs only with at least one pair per core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(
+    params=[(True, 1 << 21), (True, 6000), (False, 1 << 21), (False, 6000)],
+    ids=["native-one-chunk", "native-many-chunks", "python-one-chunk", "python-many-chunks"],
+)
+def chunk_bytes(request, monkeypatch, two_threads):
+    """The kernel's two loops, the native one (C++) and the Python one, each with one step
+    per head and with many."""
+    use_native, chunk = request.param
+    if use_native:
+        assert native.kernel() is not None, "the native block-sparse kernel did not build"
+    monkeypatch.setattr(native, "ENABLED", use_native)
+    monkeypatch.setattr(blocksparse_module, "CHUNK_BYTES", chunk)
+    monkeypatch.setattr(blocksparse_module, "NATIVE_CHUNK_BYTES", chunk)
 
 
 @pytest.mark.parametrize("seq_len", [64, 75], ids=["multiple", "not-multiple"])
@@ -267,6 +288,61 @@ def test_blocksparse_plans_are_built_once_per_length():
         backend.prepare(BatchGeometry(q_len=length, kv_len=length), torch.float32)
     assert len(backend._plans) == backend.PLAN_CACHE
     assert pickle.loads(pickle.dumps(backend))._plans == {}
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("bigbird", {"block": 16, "window": 3, "global_blocks": [0], "random": 2}),
+        ("sliding_window", {"window": 40}),
+    ],
+)
+def test_native_kernel_computes_what_the_python_loop_does(name, params, monkeypatch, two_threads):
+    """The C++ loop runs the Python loop's ops in the same order, heads on several cores: bit
+    for bit the same outputs and gradients, here for heads split from (B, S, H, D), GQA, a
+    length off the block, documents (per-row plans) and more than one step per head."""
+    assert native.kernel() is not None, "the native block-sparse kernel did not build"
+    monkeypatch.setattr(blocksparse_module, "CHUNK_BYTES", 20_000)
+    monkeypatch.setattr(blocksparse_module, "NATIVE_CHUNK_BYTES", 20_000)
+    pattern = make_pattern(name, causal=True, **params)
+    S = 300
+    docs = torch.tensor([[0] * 120 + [1] * 180, [0] * S])
+    g = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(2, S, h, 16, generator=g).transpose(1, 2) for h in (4, 2, 2)]
+    results = []
+    for use_native in (True, False):
+        monkeypatch.setattr(native, "ENABLED", use_native)
+        plan = build_plan(pattern, S, BLOCK, document_ids=docs)
+        assert plan.n_blocks // plan.chunk > 1
+        q, k, v = (t.detach().clone().requires_grad_() for t in inputs)
+        used = blocksparse_module._native_loop(q, 2 * 2)  # the backward's (batch, kv head) pairs
+        assert (used is not None) == use_native
+        out = blocksparse_module.block_sparse_attention(q, k, v, plan)
+        out.backward(torch.ones_like(out))
+        results.append([out, q.grad, k.grad, v.grad])
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_native_kernel_build_failure_falls_back_to_the_python_loop(monkeypatch, caplog):
+    """Without a compiler the kernel says so once and computes with its Python loop."""
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("c++: command not found\nmore detail")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(native, "_built", {})
+    with caplog.at_level("WARNING", logger=native.__name__):
+        assert native.kernel() is None
+        assert native.kernel() is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "the native block-sparse CPU kernel did not build (c++: command not found): Python loop"
+    ]
+    pattern = make_pattern("bigbird", causal=True, block=16, window=3, random=2)
+    q, k, v = qkv(96, torch.float32)
+    out = sparse_attention(q, k, v, pattern, "blocksparse", block_size=BLOCK)
+    assert_matches_reference(out, (q, k, v), pattern.dense_mask(96).unsqueeze(0))
 
 
 # ------------------------------------------------------------- the papers, by hand

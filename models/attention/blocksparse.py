@@ -21,6 +21,10 @@ What makes it fast on a CPU:
 - Every score-sized buffer is allocated once per call and reused chunk after chunk, so it
   stays in cache and never page-faults; fully allowed tiles are never masked.
 - Softmax and its backward are PyTorch's fused kernels, one pass each over a chunk.
+- On a CPU the loop over heads and steps runs in C++ (native.py, csrc/blocksparse.cpp): the
+  same ops in the same order, with each core on heads of its own instead of every op forked
+  over all cores; the Python loop below is the one for CUDA and for machines without a
+  compiler, and the definition the C++ one follows.
 
 Shapes: B batch, H query heads, Hkv key/value heads, S sequence, D head dim, N query
 blocks, K key slots per query block, bs block size, c query blocks per chunk.
@@ -28,6 +32,7 @@ blocks, K key slots per query block, bs block size, c query blocks per chunk.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -36,10 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.attention import native
 from models.attention.patterns import Pattern
 
 _softmax_backward = torch.ops.aten._softmax_backward_data.out  # dS in place of dP
-CHUNK_BYTES = 1 << 21  # score tile bytes per chunk: about an L2 cache
+CHUNK_BYTES = 1 << 21  # score tile bytes per step of the Python loop: about an L2 cache
+# the native CPU kernel's steps: each core has its own step, next to its key or value slots
+NATIVE_CHUNK_BYTES = 1 << 19
 
 
 @dataclass
@@ -61,6 +69,7 @@ class BlockSparsePlan:
     valid: Tensor  # (Bm, Hm, N, K) bool: slot holds a real, partly allowed tile
     dense: DenseRows | None = None  # query blocks that attend all keys in a pass of their own
     _steps: dict[tuple[int, int], list[_Step]] = field(default_factory=dict, repr=False)
+    _table: object | None = field(default=None, repr=False)  # the native kernel's steps
 
     @property
     def n_blocks(self) -> int:
@@ -77,6 +86,21 @@ class BlockSparsePlan:
         if (bi, hi) not in self._steps:
             self._steps[bi, hi] = _build_steps(self, bi, hi)
         return self._steps[bi, hi]
+
+    def step_table(self, kernel) -> object:
+        """Every (batch row, head)'s steps, handed to the native kernel once per plan."""
+        if self._table is None:
+            Bm, Hm = self.kv_idx.shape[:2]
+            lead = -1 if self.band_lead is None else self.band_lead
+            steps = [
+                [kernel.Step(*step) for step in self.steps(b, h)]
+                for b in range(Bm)
+                for h in range(Hm)
+            ]
+            self._table = kernel.StepTable(
+                Bm, Hm, self.block_size, self.slots, lead, self.chunk, steps
+            )
+        return self._table
 
 
 def _broadcast_index(t: Tensor, b: int, h: int) -> tuple[int, int]:
@@ -166,7 +190,8 @@ def build_plan(
     # Rows with nothing allowed (padding queries past seq_len, or all-padding keys) attend
     # every slot: finite, and never read; -inf everywhere would give NaN gradients.
     allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
-    chunk = max(1, min(n, CHUNK_BYTES // (4 * bs * bs * width)))
+    chunk_bytes = CHUNK_BYTES if native.kernel(device) is None else NATIVE_CHUNK_BYTES
+    chunk = max(1, min(n, chunk_bytes // (4 * bs * bs * width)))
     sparse = torch.ones(n, dtype=torch.bool) if heavy is None else ~heavy.cpu()
     ranges = [(c0, min(b, c0 + chunk)) for a, b in _runs(sparse) for c0 in range(a, b, chunk)]
     masks = []
@@ -424,16 +449,37 @@ class BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: BlockSparsePlan) -> Tensor:  # type: ignore[override]
         B, H, S, D = q.shape
+        bs, n = plan.block_size, plan.n_blocks
+        groups = H // k.shape[1]
+        scale = 1.0 / math.sqrt(D)  # applied inside the GEMMs (baddbmm's alpha), never to Q
+        out = q.new_empty(B, H, n * bs, D)
+        dense = _DensePass(plan.dense, q, scale)
+        kernel = _native_loop(q, B * H)
+        if kernel is not None:
+            kernel.forward(q, k, v, out, plan.step_table(kernel), scale)
+            for b, h in itertools.product(range(B), range(H)):
+                kvh = h // groups
+                dense.forward(b, h, q[b, h], k[b, kvh], v[b, kvh], out[b, h])
+        else:
+            BlockSparseAttention._forward_loop(q, k, v, out, plan, dense)
+        ctx.save_for_backward(q, k, v)
+        ctx.plan, ctx.seq_len = plan, S
+        return out if n * bs == S else out[:, :, :S].clone()
+
+    @staticmethod
+    def _forward_loop(
+        q: Tensor, k: Tensor, v: Tensor, out: Tensor, plan: BlockSparsePlan, dense: _DensePass
+    ) -> None:
+        """The kernel's loop in Python: every op on every core, one after the other."""
+        B, H, _, D = q.shape
         bs, n, K = plan.block_size, plan.n_blocks, plan.slots
         groups = H // k.shape[1]
         chunk = plan.chunk
-        scale = 1.0 / math.sqrt(D)  # applied inside the GEMMs (baddbmm's alpha), never to Q
-        out = q.new_empty(B, H, n * bs, D)
+        scale = 1.0 / math.sqrt(D)
         scores = q.new_empty(chunk, bs, K * bs)
         key_slots = _Slots(plan, k, chunk)
         value_slots = _Slots(plan, v, chunk, buf=key_slots.buf)  # keys are done with by then
         queries = _Blocks(n, bs)
-        dense = _DensePass(plan.dense, q, scale)
         for b in range(B):
             for h in range(H):
                 kvh = h // groups
@@ -448,28 +494,53 @@ class BlockSparseAttention(torch.autograd.Function):
                     # values gathered only now, so that fewer buffers compete for the cache
                     torch.bmm(s, values.take(step), out=oh[step.c0 : step.c1])
                 dense.forward(b, h, q[b, h], k[b, kvh], v[b, kvh], out[b, h])
-        ctx.save_for_backward(q, k, v)
-        ctx.plan, ctx.chunk, ctx.seq_len = plan, chunk, S
-        return out if n * bs == S else out[:, :, :S].clone()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         q, k, v = ctx.saved_tensors
         plan: BlockSparsePlan = ctx.plan
-        chunk, S = ctx.chunk, ctx.seq_len
+        S = ctx.seq_len
         B, H, _, D = q.shape
-        bs, n, K = plan.block_size, plan.n_blocks, plan.slots
+        bs, n = plan.block_size, plan.n_blocks
         groups = H // k.shape[1]
         scale = 1.0 / math.sqrt(D)
         dq = q.new_empty(B, H, n * bs, D)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
+        dense = _DensePass(plan.dense, q, scale)
+        kernel = _native_loop(q, B * k.shape[1])
+        if kernel is not None:
+            kernel.backward(q, k, v, grad_out, dq, dk, dv, plan.step_table(kernel), scale)
+            for b, h in itertools.product(range(B), range(H)):
+                kvh = h // groups
+                inputs = (q[b, h], k[b, kvh], v[b, kvh], grad_out[b, h])
+                dense.backward(b, h, inputs, (dq[b, h], dk[b, kvh], dv[b, kvh]))
+        else:
+            BlockSparseAttention._backward_loop(q, k, v, grad_out, (dq, dk, dv), plan, dense)
+        return dq if n * bs == S else dq[:, :, :S], dk, dv, None
+
+    @staticmethod
+    def _backward_loop(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        grad_out: Tensor,
+        grads: tuple[Tensor, Tensor, Tensor],
+        plan: BlockSparsePlan,
+        dense: _DensePass,
+    ) -> None:
+        """dq (B, H, N*bs, D), dk and dv of the Python loop."""
+        dq, dk, dv = grads
+        B, H, S, D = q.shape
+        bs, n, K = plan.block_size, plan.n_blocks, plan.slots
+        groups = H // k.shape[1]
+        chunk = plan.chunk
+        scale = 1.0 / math.sqrt(D)
         s_buf = q.new_empty(chunk, bs, K * bs)
         ds_buf = q.new_empty(chunk, bs, K * bs)
         dkv_buf = q.new_empty(chunk, K * bs, D)  # dV of the slots, then V's slots, then dK
         key_slots = _Slots(plan, k, chunk)
         value_slots = _Slots(plan, v, chunk, buf=dkv_buf.view(-1, D))
-        queries, grads = _Blocks(n, bs), _Blocks(n, bs)
-        dense = _DensePass(plan.dense, q, scale)
+        queries, grad_rows = _Blocks(n, bs), _Blocks(n, bs)
         scratch: list[Tensor] = []  # accumulators when dK, dV rows cannot take them in place
         for b in range(B):
             for kvh in range(k.shape[1]):
@@ -482,7 +553,7 @@ class BlockSparseAttention(torch.autograd.Function):
                     gk, gv = (g.zero_() for g in scratch)
                 keys, values = key_slots.of(k[b, kvh]), value_slots.of(v[b, kvh])
                 for h in range(kvh * groups, (kvh + 1) * groups):
-                    qh, doh = queries.of(q[b, h]), grads.of(grad_out[b, h])
+                    qh, doh = queries.of(q[b, h]), grad_rows.of(grad_out[b, h])
                     dqh = dq[b, h].view(n, bs, D)
                     for step in plan.steps(b, h):
                         c0, c1 = step.c0, step.c1
@@ -510,7 +581,12 @@ class BlockSparseAttention(torch.autograd.Function):
                     )
                 if not in_place:
                     dk[b, kvh], dv[b, kvh] = gk.view(n * bs, D)[:S], gv.view(n * bs, D)[:S]
-        return dq if n * bs == S else dq[:, :, :S], dk, dv, None
+
+
+def _native_loop(q: Tensor, tasks: int):
+    """The compiled loop, when there is one for q's device and at least one (batch, head)
+    task per core for it to run side by side (else the Python loop's ops use all cores)."""
+    return native.kernel(q.device) if tasks >= torch.get_num_threads() else None
 
 
 class _DensePass:

@@ -1,6 +1,7 @@
-"""What a CPU training run needs prepared: ahead-of-time builds of the DeepSpeed ops, so that
-no training job ever compiles (and no job killed while compiling leaves a stale build lock
-behind), and the environment its worker processes start with."""
+"""What a CPU training run needs prepared: ahead-of-time builds of the DeepSpeed ops and of
+attnpipe's native attention kernel, so that no training job ever compiles (and no job killed
+while compiling leaves a stale build lock behind), and the environment its worker processes
+start with."""
 
 from __future__ import annotations
 
@@ -31,20 +32,26 @@ def init_loopback_group(rank: int, world: int, port: int) -> None:
 
 
 def prebuild() -> list[str]:
-    """Build the shared-memory communication op DeepSpeed's CPU backend loads at start;
-    nothing to do where a GPU accelerator is in use. Returns what was built."""
+    """Build what CPU training loads at start: the shared-memory communication op of
+    DeepSpeed's CPU backend and attnpipe's native block-sparse attention kernel; nothing to do
+    where a GPU accelerator is in use. Returns what was built."""
     from deepspeed.accelerator import get_accelerator
 
     import pipeline  # noqa: F401 - sets TORCH_EXTENSIONS_DIR for this environment
+    from models.attention import native
 
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         return []
+    built = []
     builder = accelerator.create_op_builder("ShareMemCommBuilder")
-    if builder is None:
-        return []
-    builder.load(verbose=False)
-    return [f"{builder.absolute_name()} in {os.environ['TORCH_EXTENSIONS_DIR']}"]
+    if builder is not None:
+        builder.load(verbose=False)
+        built.append(f"{builder.absolute_name()} in {os.environ['TORCH_EXTENSIONS_DIR']}")
+    if native.kernel() is None:
+        raise SystemExit("the native block-sparse kernel did not build: is a C++ compiler here?")
+    built.append(f"{native.NAME} in {native.extensions_dir()}")
+    return built
 
 
 if __name__ == "__main__":
