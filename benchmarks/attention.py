@@ -34,6 +34,7 @@ from models.attention import (
     BatchGeometry,
     make_backend,
     make_pattern,
+    native,
 )
 from models.attention.patterns import _bigbird_random_table
 
@@ -273,6 +274,8 @@ def main() -> None:
         "block_size": args.block_size,
         "repeats": args.repeats,
         "causal": not args.bidirectional,
+        # the block-sparse backend's loop: the compiled one (CPU), or Python's
+        "native_kernel": native.kernel(device) is not None,
     }
     out.write_text(json.dumps({"meta": meta, "records": records, "layouts": layouts}, indent=1))
     plot(records, out.with_suffix(".png"))
