@@ -15,13 +15,12 @@ from pipeline.tracking import tracking_uri
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
 
-    from pipeline.run import start_local_ray
+    from pipeline.run import start_local_ray, stop_local_ray
 
     start_local_ray(2)
     yield
-    ray.shutdown()
+    stop_local_ray()
 
 
 def retrain(work: Path, corpus: str, *overrides: str) -> dict:
