@@ -450,26 +450,20 @@ class BlockSparseAttention(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: BlockSparsePlan) -> Tensor:  # type: ignore[override]
         B, H, S, D = q.shape
         bs, n = plan.block_size, plan.n_blocks
-        groups = H // k.shape[1]
         scale = 1.0 / math.sqrt(D)  # applied inside the GEMMs (baddbmm's alpha), never to Q
         out = q.new_empty(B, H, n * bs, D)
-        dense = _DensePass(plan.dense, q, scale)
         kernel = _native_loop(q, B * H)
         if kernel is not None:
             kernel.forward(q, k, v, out, plan.step_table(kernel), scale)
-            for b, h in itertools.product(range(B), range(H)):
-                kvh = h // groups
-                dense.forward(b, h, q[b, h], k[b, kvh], v[b, kvh], out[b, h])
         else:
-            BlockSparseAttention._forward_loop(q, k, v, out, plan, dense)
+            BlockSparseAttention._forward_loop(q, k, v, out, plan)
+        _DensePass(plan.dense, q, scale).forward_heads(q, k, v, out)  # the rows left out
         ctx.save_for_backward(q, k, v)
         ctx.plan, ctx.seq_len = plan, S
         return out if n * bs == S else out[:, :, :S].clone()
 
     @staticmethod
-    def _forward_loop(
-        q: Tensor, k: Tensor, v: Tensor, out: Tensor, plan: BlockSparsePlan, dense: _DensePass
-    ) -> None:
+    def _forward_loop(q: Tensor, k: Tensor, v: Tensor, out: Tensor, plan: BlockSparsePlan) -> None:
         """The kernel's loop in Python: every op on every core, one after the other."""
         B, H, _, D = q.shape
         bs, n, K = plan.block_size, plan.n_blocks, plan.slots
@@ -493,7 +487,6 @@ class BlockSparseAttention(torch.autograd.Function):
                     torch._softmax(s, -1, False, out=s)  # in place: the row is in cache
                     # values gathered only now, so that fewer buffers compete for the cache
                     torch.bmm(s, values.take(step), out=oh[step.c0 : step.c1])
-                dense.forward(b, h, q[b, h], k[b, kvh], v[b, kvh], out[b, h])
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
@@ -502,20 +495,16 @@ class BlockSparseAttention(torch.autograd.Function):
         S = ctx.seq_len
         B, H, _, D = q.shape
         bs, n = plan.block_size, plan.n_blocks
-        groups = H // k.shape[1]
         scale = 1.0 / math.sqrt(D)
         dq = q.new_empty(B, H, n * bs, D)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        dense = _DensePass(plan.dense, q, scale)
         kernel = _native_loop(q, B * k.shape[1])
         if kernel is not None:
             kernel.backward(q, k, v, grad_out, dq, dk, dv, plan.step_table(kernel), scale)
-            for b, h in itertools.product(range(B), range(H)):
-                kvh = h // groups
-                inputs = (q[b, h], k[b, kvh], v[b, kvh], grad_out[b, h])
-                dense.backward(b, h, inputs, (dq[b, h], dk[b, kvh], dv[b, kvh]))
         else:
-            BlockSparseAttention._backward_loop(q, k, v, grad_out, (dq, dk, dv), plan, dense)
+            BlockSparseAttention._backward_loop(q, k, v, grad_out, (dq, dk, dv), plan)
+        dense = _DensePass(plan.dense, q, scale)  # the rows left out
+        dense.backward_heads((q, k, v, grad_out), (dq, dk, dv))
         return dq if n * bs == S else dq[:, :, :S], dk, dv, None
 
     @staticmethod
@@ -526,7 +515,6 @@ class BlockSparseAttention(torch.autograd.Function):
         grad_out: Tensor,
         grads: tuple[Tensor, Tensor, Tensor],
         plan: BlockSparsePlan,
-        dense: _DensePass,
     ) -> None:
         """dq (B, H, N*bs, D), dk and dv of the Python loop."""
         dq, dk, dv = grads
@@ -573,12 +561,6 @@ class BlockSparseAttention(torch.autograd.Function):
                         torch.baddbmm(dq_c, ds, kg, beta=0, alpha=scale, out=dq_c)
                         torch.baddbmm(dkv, ds.mT, q_c, beta=0, alpha=scale, out=dkv)  # dK
                         _accumulate(gk, step, dkv_tiles)
-                    dense.backward(
-                        b,
-                        h,
-                        (q[b, h], k[b, kvh], v[b, kvh], grad_out[b, h]),
-                        (dq[b, h], gk.view(n * bs, D)[:S], gv.view(n * bs, D)[:S]),
-                    )
                 if not in_place:
                     dk[b, kvh], dv[b, kvh] = gk.view(n * bs, D)[:S], gv.view(n * bs, D)[:S]
 
@@ -599,6 +581,29 @@ class _DensePass:
             S, D, rows = like.shape[2], like.shape[3], min(dense.chunk, len(dense.rows))
             self.s, self.ds = like.new_empty(rows, S), like.new_empty(rows, S)
             self.small = like.new_empty(rows, D)
+
+    def forward_heads(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> None:
+        """forward() for every (batch row, head), after a loop that left the wide rows out."""
+        if self.dense is None:
+            return
+        B, H = q.shape[:2]
+        groups = H // k.shape[1]
+        for b, h in itertools.product(range(B), range(H)):
+            self.forward(b, h, q[b, h], k[b, h // groups], v[b, h // groups], out[b, h])
+
+    def backward_heads(self, inputs: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> None:
+        """backward() for every (batch row, head): inputs (q, k, v, grad_out), grads (dq, dk,
+        dv) as the autograd function has them, all but the wide rows computed."""
+        if self.dense is None:
+            return
+        q, k, v, grad_out = inputs
+        dq, dk, dv = grads
+        B, H = q.shape[:2]
+        groups = H // k.shape[1]
+        for b, h in itertools.product(range(B), range(H)):
+            kvh = h // groups
+            head_inputs = (q[b, h], k[b, kvh], v[b, kvh], grad_out[b, h])
+            self.backward(b, h, head_inputs, (dq[b, h], dk[b, kvh], dv[b, kvh]))
 
     def _scores(self, b: int, h: int, r0: int, r1: int, q_r: Tensor, k: Tensor) -> Tensor:
         s, bias = self.s[: r1 - r0], self.dense.bias_for(b, h, r0, r1)  # type: ignore[union-attr]
