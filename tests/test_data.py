@@ -221,9 +221,11 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
 def ray_local():
     import ray
 
+    from pipeline.run import stop_local_ray
+
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
-    ray.shutdown()
+    stop_local_ray()
 
 
 def run(ray_local, tmp_path, glob, out, parallelism, **data):

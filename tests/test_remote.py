@@ -63,9 +63,11 @@ def store(request, monkeypatch, tmp_path):
 def ray_local():
     import ray
 
+    from pipeline.run import stop_local_ray
+
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
-    ray.shutdown()
+    stop_local_ray()
 
 
 def data_node(glob: str) -> DataNode:

@@ -15,7 +15,6 @@ from pipeline.tracking import tracking_uri
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-
     from pipeline.run import start_local_ray, stop_local_ray
 
     start_local_ray(2)
