@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from pipeline.data.shards import PAD_DOC, write_random_documents
 from pipeline.run import free_port
 from pipeline.tracking.server import MlflowServer
+from pipeline.train.objectives import documents_or_none, padding_or_none
 from pipeline.train.ops import CPU_WORKER_ENV, init_loopback_group
 
 ZERO_TIMED = (0, 1, 2)
@@ -129,8 +130,10 @@ class PlainLoop:
         docs = torch.from_numpy(batch[:, 1].astype(np.int64))
         real = docs != int(PAD_DOC)
         labels = tokens[:, 1:].masked_fill(~real[:, 1:], IGNORE)
-        logits = self.model(
-            tokens[:, :-1], key_padding_mask=real[:, :-1], document_ids=docs[:, :-1]
+        logits = self.model(  # the masks as the objective passes them: None when no-ops
+            tokens[:, :-1],
+            key_padding_mask=padding_or_none(real[:, :-1]),
+            document_ids=documents_or_none(docs[:, :-1]),
         )
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
         loss.backward()
@@ -274,7 +277,7 @@ def timed_loop(
 def step_runner(step_fn: Callable[[int], float], losses: list[float]) -> Callable[[int], dict]:
     def run(step: int) -> dict[str, float]:
         with Meter() as m:
-            losses.append(step_fn(step))
+            losses.append(float(step_fn(step)))  # the step's one host sync, as at a log step
         return m.record()
 
     return run
@@ -295,7 +298,7 @@ def logged_runner(
             measured = time.perf_counter()
             worker.log(metrics, step + 1)
             done = time.perf_counter()
-        losses.append(loss)
+        losses.append(float(loss))
         logged["points"] += len(metrics)
         return {
             **m.record(),

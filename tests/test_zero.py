@@ -56,7 +56,7 @@ def _rank(rank: int, world: int, port: int, data_dir: str, out_dir: str) -> None
                     world,
                 )
                 w.build()
-                losses = [w.train_step(step) for step in range(STEPS)]
+                losses = [float(w.train_step(step)) for step in range(STEPS)]
                 pairs = partitions(w.engine.optimizer)
                 assert pairs, stage
                 torch.save([own.clone() for _, own in pairs], run_dir / f"own-{rank}.pt")

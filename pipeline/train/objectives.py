@@ -38,21 +38,16 @@ class Objective:
         docs = torch.from_numpy(batch[:, 1].astype(np.int64))
         real = docs != int(PAD_DOC)
         device = next(model.parameters()).device
-        if self.family == "decoder":
-            inputs, labels = tokens[:, :-1], tokens[:, 1:].masked_fill(~real[:, 1:], IGNORE)
+        if self.family in ("decoder", "encoder"):
+            if self.family == "decoder":
+                inputs, labels = tokens[:, :-1], tokens[:, 1:].masked_fill(~real[:, 1:], IGNORE)
+            else:
+                inputs, labels = self._mask(tokens[:, :-1], real[:, :-1], generator)
             document_ids = docs[:, :-1] if self.document_masking else None
             logits = model(
                 inputs.to(device),
-                key_padding_mask=real[:, :-1].to(device),
-                document_ids=None if document_ids is None else document_ids.to(device),
-            )
-        elif self.family == "encoder":
-            inputs, labels = self._mask(tokens[:, :-1], real[:, :-1], generator)
-            document_ids = docs[:, :-1] if self.document_masking else None
-            logits = model(
-                inputs.to(device),
-                key_padding_mask=real[:, :-1].to(device),
-                document_ids=None if document_ids is None else document_ids.to(device),
+                key_padding_mask=_to(padding_or_none(real[:, :-1]), device),
+                document_ids=_to(documents_or_none(document_ids), device),
             )
         else:
             s = self.max_source_len
@@ -64,11 +59,11 @@ class Objective:
             logits = model(
                 src.to(device),
                 tgt[:, :-1].to(device),
-                src_padding_mask=real[:, :s].to(device),
-                tgt_padding_mask=tgt_real[:, :-1].to(device),
+                src_padding_mask=_to(padding_or_none(real[:, :s]), device),
+                tgt_padding_mask=_to(padding_or_none(tgt_real[:, :-1]), device),
             )
+        count = int((labels != IGNORE).sum())  # on the host, before the copy: no device sync
         labels = labels.to(device)
-        count = int((labels != IGNORE).sum())
         loss = F.cross_entropy(
             logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
         )
@@ -83,11 +78,33 @@ class Objective:
         if mask_id is None:
             raise ValueError("a masked-LM objective needs a tokenizer with a <|mask|> token")
         shape = tokens.shape
-        pick = (torch.rand(shape, generator=generator) < self.mlm_probability) & real
+        # on the host, whatever the default device: the batch and the generator are there
+        pick = (torch.rand(shape, generator=generator, device="cpu") < self.mlm_probability) & real
         labels = tokens.masked_fill(~pick, IGNORE)
-        roll = torch.rand(shape, generator=generator)
+        roll = torch.rand(shape, generator=generator, device="cpu")
         inputs = tokens.masked_fill(pick & (roll < 0.8), mask_id)
-        random = torch.randint(0, self.vocab_size, shape, generator=generator)
+        random = torch.randint(0, self.vocab_size, shape, generator=generator, device="cpu")
         swap = pick & (roll >= 0.8) & (roll < 0.9)
         inputs = torch.where(swap, random, inputs)
         return inputs, labels
+
+
+# A mask that changes nothing is passed as None: the attention backends then reuse the
+# pattern's own layout (cached by length) instead of building a per-batch mask, and SDPA
+# keeps its fused causal kernels. Both checks run on the host batch, before any copy.
+
+
+def padding_or_none(real: Tensor) -> Tensor | None:
+    """The key padding mask, or None when every token is real."""
+    return None if bool(real.all()) else real
+
+
+def documents_or_none(document_ids: Tensor | None) -> Tensor | None:
+    """The document ids, or None when each row is one document (nothing to separate)."""
+    if document_ids is None or bool((document_ids == document_ids[:, :1]).all()):
+        return None
+    return document_ids
+
+
+def _to(x: Tensor | None, device: torch.device) -> Tensor | None:
+    return None if x is None else x.to(device, non_blocking=True)

@@ -117,12 +117,15 @@ class Worker:
             model.load_state_dict(_exported_weights(self.cfg.init_from))
         set_activation_checkpointing(model, t.activation_checkpointing)
         self.spans = span_modules(model)
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        named = list(model.named_parameters())
+        decay = [(n, p) for n, p in named if p.dim() >= 2]
+        no_decay = [(n, p) for n, p in named if p.dim() < 2]
         groups = [
-            {"params": decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": [p for _, p in decay]},
+            {"params": [p for _, p in no_decay], "weight_decay": 0.0},
         ]
+        # the names behind the optimizer's groups, for export to find fp32 master copies
+        self.param_groups = [[n for n, _ in decay], [n for n, _ in no_decay]]
         schedule = LRSchedule(t.lr_schedule, t.steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model,
@@ -222,10 +225,11 @@ class Worker:
                 stats = self.metrics.close(timeout=60.0)
                 self.event("tracking", **stats)
 
-    def train_step(self, step: int) -> float:
-        """One optimizer step over `accum` micro batches; returns the mean loss."""
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimizer step over `accum` micro batches; returns the mean loss, a 0-d tensor
+        on the worker's device: reading it is a host sync, left to the log step."""
         t = self.spec.training
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
         for micro in range(self.accum):
             batch = self.reader.next_batch(t.micro_batch_size)
             gen = torch.Generator().manual_seed(
@@ -238,19 +242,30 @@ class Worker:
                 loss = loss + coef * sum(m.penalty() for m in self.spans)
             self.engine.backward(loss)
             self.engine.step()
-            total += float(loss.detach())
+            total += loss.detach().float()
         for m in self.spans:
             m.clamp_()
         return total / self.accum
 
     # ------------------------------------------------------------------ metrics
 
-    def train_metrics(self, losses: list[float], step_seconds: float) -> dict[str, float]:
-        loss = torch.tensor([sum(losses) / len(losses)], dtype=torch.float64)
-        dist.all_reduce(loss)
+    def all_reduce_sum(self, values: list[torch.Tensor | float]) -> list[float]:
+        """Sums of plain numbers (or 0-d tensors) over all ranks, in one collective. The
+        buffer lives on the worker's device: NCCL, the GPU backend, takes device tensors
+        only ("No backend type associated with device type cpu")."""
+        buffer = torch.stack(
+            [torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values]
+        )
+        dist.all_reduce(buffer)
+        return buffer.tolist()
+
+    def train_metrics(
+        self, losses: list[torch.Tensor | float], step_seconds: float
+    ) -> dict[str, float]:
+        (loss_sum,) = self.all_reduce_sum([sum(losses) / len(losses)])
         tokens_per_s = self.tokens_per_step / step_seconds
         out = {
-            "train/loss": float(loss) / self.world,
+            "train/loss": loss_sum / self.world,
             "train/lr": float(self.scheduler.get_last_lr()[0]),
             "train/step_time_s": step_seconds,
             "train/tokens_per_s": tokens_per_s,
@@ -288,15 +303,17 @@ class Worker:
         batches = min(t.eval_batches, max(1, len(reader) // per_step))
         was_training = self.engine.module.training
         self.engine.module.eval()
-        totals = torch.zeros(2, dtype=torch.float64)
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count_total = 0
         for i in range(batches):
             batch = reader.next_batch(t.micro_batch_size)
             gen = torch.Generator().manual_seed(t.seed * 7_919 + i * 31 + self.rank)
             loss_sum, count = self.objective.loss(self.engine, batch, gen)
-            totals += torch.tensor([float(loss_sum), count], dtype=torch.float64)
+            loss_total += loss_sum.double()
+            count_total += count
         self.engine.module.train(was_training)
-        dist.all_reduce(totals)
-        loss = float(totals[0] / max(totals[1], 1))
+        loss_sum, count_sum = self.all_reduce_sum([loss_total, count_total])
+        loss = loss_sum / max(count_sum, 1)
         return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
 
     @torch.no_grad()
@@ -354,23 +371,7 @@ class Worker:
 
         folder = Path(tempfile.mkdtemp(prefix="attnpipe-checkpoint-"))
         try:
-            self.engine.save_checkpoint(str(folder), tag=DS_TAG)
-            self.fault("checkpoint", step)
-            state = {"reader": self.reader.state_dict(), "rng": rng_state(), "step": step}
-            if self.rank == 0:
-                write_meta(
-                    folder,
-                    {
-                        "step": step,
-                        "world_size": self.world,
-                        "zero_stage": self.spec.deepspeed.zero_stage,
-                        "spec": self.cfg.spec,
-                        "data_fingerprint": self.manifest["fingerprint"],
-                        "data_dir": self.cfg.data_dir,
-                        "time": time.time(),
-                    },
-                )
-            write_rank_state(folder, self.rank, state)
+            self.write_checkpoint(folder, step)
             ray.train.report(
                 {"step": step, **metrics},
                 checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
@@ -378,6 +379,30 @@ class Worker:
             )
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def write_checkpoint(self, folder: Path, step: int) -> None:
+        """This rank's part of the checkpoint at `step`: DeepSpeed's files, meta.json (rank
+        0) and the rank's reader and RNG state, its `.done` marker last."""
+        self.engine.save_checkpoint(str(folder), tag=DS_TAG)
+        self.fault("checkpoint", step)
+        state = {"reader": self.reader.state_dict(), "rng": rng_state(), "step": step}
+        if self.rank == 0:
+            write_meta(
+                folder,
+                {
+                    "step": step,
+                    "world_size": self.world,
+                    # the stage DeepSpeed ran (bf16 runs stage 0 as 1: deepspeed_config)
+                    "zero_stage": self.engine.zero_optimization_stage(),
+                    "precision": self.spec.training.precision,
+                    "param_groups": self.param_groups,
+                    "spec": self.cfg.spec,
+                    "data_fingerprint": self.manifest["fingerprint"],
+                    "data_dir": self.cfg.data_dir,
+                    "time": time.time(),
+                },
+            )
+        write_rank_state(folder, self.rank, state)
 
     # ------------------------------------------------------------------ events, faults
 
