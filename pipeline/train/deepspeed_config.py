@@ -19,8 +19,9 @@ def deepspeed_config(spec: JobSpec, world_size: int | None = None) -> dict[str, 
     accum = t.global_batch_size // per_step
     opt = t.optimizer
     offload_opt = ds.offload_optimizer
-    zero: dict[str, Any] = {"stage": ds.zero_stage}
-    if ds.zero_stage >= 1:
+    stage = zero_stage(spec)
+    zero: dict[str, Any] = {"stage": stage}
+    if stage >= 1:
         zero.update(overlap_comm=False, contiguous_gradients=True)
     if offload_opt:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
@@ -49,9 +50,23 @@ def deepspeed_config(spec: JobSpec, world_size: int | None = None) -> dict[str, 
         "steps_per_print": 10**9,  # attnpipe reports progress itself
         "wall_clock_breakdown": False,
     }
+    if t.precision == "bf16":
+        # Gradients summed over micro-batches (and ranks) in fp32: in bf16, each addition
+        # rounds to 8 bits of mantissa, and small late micro-batch gradients vanish.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
     if offload_opt:
         config["zero_force_ds_cpu_optimizer"] = True
     return config
+
+
+def zero_stage(spec: JobSpec) -> int:
+    """The ZeRO stage DeepSpeed is asked for. bf16 with `zero_stage: 0` runs stage 1:
+    DeepSpeed 0.19 accumulates bf16 gradients in fp32 only under ZeRO (its engine refuses
+    bf16 with an fp32 accumulation type at stage 0, "unsupported mix of model_dtype and
+    grad_accum_dtype"); at stage 1 it runs its BF16_Optimizer, with fp32 master weights and
+    fp32 gradients, whose optimizer state is partitioned over the data-parallel ranks."""
+    stage = spec.deepspeed.zero_stage
+    return max(stage, 1) if spec.training.precision == "bf16" else stage
 
 
 class LRSchedule:
