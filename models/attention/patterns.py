@@ -2,8 +2,9 @@
 
 A pattern is data, not a module. It answers the same question three ways:
 - `mask_mod(b, h, q_idx, k_idx)`: the exact token-level rule, FlexAttention's signature,
-  vectorised over broadcastable index tensors (`mask_mod_for(seq_len)` where the rule
-  depends on the length, as BigBird's random blocks do);
+  vectorised over broadcastable index tensors (`mask_mod_for(seq_len, device=...)` where the
+  rule depends on the length, as BigBird's random blocks do; its lookup tables are built
+  once, on the device, so torch.compile traces the rule in one graph);
 - `block_layout(seq_len, block_size)`: which (query block, key block) tiles hold any allowed
   pair, computed analytically from each tile's position range, never by evaluating S x S
   points;
@@ -20,7 +21,6 @@ Shapes: H heads (1 when the layout is shared by all heads), S sequence, N blocks
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 MaskMod = Callable[[Any, Any, Tensor, Tensor], Tensor]
+Tables = dict[str, Tensor]  # a pattern's lookup tensors, by name
 
 
 class AttentionSpecError(ValueError):
@@ -129,9 +130,14 @@ class Pattern(ABC):
         return 1
 
     # -- the rule, to be given by each pattern -------------------------------------------
+    def _tables(self, seq_len: int | None, device: torch.device) -> Tables:
+        """The lookup tensors `_rule` reads, built once per `mask_mod_for`; none by default."""
+        return {}
+
     @abstractmethod
-    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, seq_len: int | None) -> Tensor:
-        """True where the pattern (without causality or prefix) lets q meet k."""
+    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, tables: Tables) -> Tensor:
+        """True where the pattern (without causality or prefix) lets q meet k: tensor ops on
+        the arguments and `tables` only, so that torch.compile traces it in one graph."""
 
     @abstractmethod
     def _tiles(self, t: Tiles) -> Tensor:
@@ -139,11 +145,22 @@ class Pattern(ABC):
         with k <= q). Exact: a tile is on only if some pair in it is allowed."""
 
     # -- composed with causality and prefix-LM, here once for all patterns ---------------
-    def mask_mod_for(self, seq_len: int | None) -> MaskMod:
-        """FlexAttention's `mask_mod(b, h, q_idx, k_idx)` for sequences of `seq_len`."""
+    def mask_mod_for(
+        self, seq_len: int | None, *, device: torch.device | str | None = None
+    ) -> MaskMod:
+        """FlexAttention's `mask_mod(b, h, q_idx, k_idx)` for sequences of `seq_len`.
+
+        The tables the rule reads are built here, once, on `device` (CPU by default), and the
+        closure captures them: it does tensor ops on its arguments and those tables only, so
+        it traces under `torch.compile(fullgraph=True)` as FlexAttention compiles it. Indices
+        on another device get a copy of the tables on every call: pass the device they are on.
+        FlexAttention always gets a length: with `seq_len=None` causal BigBird sizes its random
+        draws from the largest query index, a host sync that works in eager only.
+        """
+        tables = self._tables(seq_len, torch.device("cpu" if device is None else device))
 
         def mask_mod(b: Any, h: Any, q_idx: Tensor, k_idx: Tensor) -> Tensor:
-            allowed = self._rule(h, q_idx, k_idx, seq_len)
+            allowed = self._rule(h, q_idx, k_idx, tables)
             if self.causal:
                 allowed = allowed & (k_idx <= q_idx)
             if self.prefix:
@@ -154,7 +171,7 @@ class Pattern(ABC):
 
     def mask_mod(self, b: Any, h: Any, q_idx: Tensor, k_idx: Tensor) -> Tensor:
         """The token-level rule; patterns whose rule depends on length use mask_mod_for."""
-        return self.mask_mod_for(None)(b, h, q_idx, k_idx)
+        return self.mask_mod_for(None, device=q_idx.device)(b, h, q_idx, k_idx)
 
     def validate(self, seq_len: int) -> None:  # noqa: B027 - optional hook, no-op by default
         """Raise AttentionSpecError if the parameters do not fit sequences of `seq_len`."""
@@ -174,7 +191,8 @@ class Pattern(ABC):
         """(H|1, Lq, Lk) bool for the given query and key positions."""
         heads = torch.arange(self.n_heads, device=q_idx.device).view(-1, 1, 1)
         h = heads if self.n_heads > 1 else None
-        mask = self.mask_mod_for(seq_len)(None, h, q_idx[:, None], k_idx[None, :])
+        mask_mod = self.mask_mod_for(seq_len, device=q_idx.device)
+        mask = mask_mod(None, h, q_idx[:, None], k_idx[None, :])
         mask = mask.unsqueeze(0) if mask.dim() == 2 else mask
         return mask.expand(mask.shape[0], q_idx.numel(), k_idx.numel())
 
@@ -235,9 +253,42 @@ def _in_range(pattern: str, key: str, values: Sequence[int], limit: int, unit: s
         )
 
 
-def _in(values: Sequence[int], idx: Tensor) -> Tensor:
-    table = torch.tensor(list(values), dtype=idx.dtype, device=idx.device)
-    return torch.isin(idx, table) if table.numel() else torch.zeros_like(idx, dtype=torch.bool)
+def _membership(values: Sequence[int], device: torch.device) -> Tensor:
+    """(max + 3,) bool lookup table of the set `values` of non-negative ints, for `_in`:
+    entry i + 1 says whether i is in the set; the first and last entries are False and stand
+    for every index below 0 and above the largest value."""
+    table = torch.zeros(max(values, default=-1) + 3, dtype=torch.bool)
+    if values:
+        table[torch.tensor(list(values)) + 1] = True
+    return table.to(device)
+
+
+def _in(table: Tensor, idx: Tensor) -> Tensor:
+    """idx is in the set of a `_membership` table. One gather, no reduction (as isin or
+    `(idx[..., None] == values).any(-1)` would be): FlexAttention compiles a mask_mod into
+    its kernel only when every op in it is pointwise."""
+    table = _on(table, idx)
+    return table[idx.clamp(-1, table.numel() - 2) + 1]
+
+
+def _on(table: Tensor, like: Tensor) -> Tensor:
+    """`table` on the device of `like`; a no-op when mask_mod_for got the right device (the
+    check compares devices, not values, so it traces)."""
+    return table if table.device == like.device else table.to(like.device)
+
+
+def _band(q: Tensor, k: Tensor, lo: int, hi: int, step: int = 1) -> Tensor:
+    """q - k lies in [lo, hi] and is a multiple of `step`."""
+    d = q - k
+    allowed = (d >= lo) & (d <= hi)
+    return allowed & (d % step == 0) if step > 1 else allowed
+
+
+def _dilated_reach(window: int, dilation: int, causal: bool) -> tuple[int, int]:
+    """The q - k range of a dilated window: `window` keys `dilation` apart."""
+    if causal:
+        return 0, (window - 1) * dilation
+    return -(window // 2) * dilation, (window // 2) * dilation
 
 
 # ====================================================================== the patterns
@@ -266,7 +317,7 @@ class Dense(Pattern):
     def is_dense(self) -> bool:
         return not self.prefix
 
-    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, seq_len: int | None) -> Tensor:
+    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, tables: Tables) -> Tensor:
         return torch.ones_like(q == k)
 
     def _tiles(self, t: Tiles) -> Tensor:
@@ -304,9 +355,8 @@ class SlidingWindow(Pattern):
         """The allowed q - k range."""
         return (0, self.window - 1) if self.causal else (-(self.window // 2), self.window // 2)
 
-    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, seq_len: int | None) -> Tensor:
-        lo, hi = self.reach
-        return (q - k >= lo) & (q - k <= hi)
+    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, tables: Tables) -> Tensor:
+        return _band(q, k, *self.reach)
 
     def _tiles(self, t: Tiles) -> Tensor:
         return t.differences(*self.reach)
@@ -340,16 +390,10 @@ class Dilated(Pattern):
 
     @property
     def reach(self) -> tuple[int, int]:
-        d = self.dilation
-        return (
-            (0, (self.window - 1) * d)
-            if self.causal
-            else (-(self.window // 2) * d, (self.window // 2) * d)
-        )
+        return _dilated_reach(self.window, self.dilation, self.causal)
 
-    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, seq_len: int | None) -> Tensor:
-        lo, hi = self.reach
-        return (q - k >= lo) & (q - k <= hi) & ((q - k) % self.dilation == 0)
+    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, tables: Tables) -> Tensor:
+        return _band(q, k, *self.reach, step=self.dilation)
 
     def _tiles(self, t: Tiles) -> Tensor:
         return t.differences(*self.reach, step=self.dilation)
@@ -379,7 +423,7 @@ class Strided(Pattern):
             raise AttentionSpecError("strided is defined for causal attention only (Child et al.)")
         super().__post_init__()
 
-    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, seq_len: int | None) -> Tensor:
+    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, tables: Tables) -> Tensor:
         return (q - k < self.stride) | ((q - k) % self.stride == 0)
 
     def _tiles(self, t: Tiles) -> Tensor:
@@ -413,7 +457,7 @@ class Fixed(Pattern):
             raise AttentionSpecError("fixed is defined for causal attention only (Child et al.)")
         super().__post_init__()
 
-    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, seq_len: int | None) -> Tensor:
+    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, tables: Tables) -> Tensor:
         l = self.stride  # noqa: E741 - the paper's name
         return (q // l == k // l) | (k % l >= l - self.summary)
 
@@ -472,9 +516,14 @@ class Longformer(Pattern):
     def _window(self) -> Dilated:
         return Dilated(window=self.window, dilation=self.dilation, causal=self.causal)
 
-    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, seq_len: int | None) -> Tensor:
-        window = self._window._rule(h, q, k, seq_len)
-        return window | _in(self.globals_, q) | _in(self.globals_, k)
+    def _tables(self, seq_len: int | None, device: torch.device) -> Tables:
+        return {"globals": _membership(self.globals_, device)}
+
+    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, tables: Tables) -> Tensor:
+        # the window inline: building the Dilated dataclass here would not trace
+        reach = _dilated_reach(self.window, self.dilation, self.causal)
+        window = _band(q, k, *reach, step=self.dilation)
+        return window | _in(tables["globals"], q) | _in(tables["globals"], k)
 
     def _tiles(self, t: Tiles) -> Tensor:
         g = self.globals_
@@ -536,32 +585,53 @@ class BigBird(Pattern):
         lo, hi = (-(self.window - 1), 0) if self.causal else (-half, half)
         return (kb - qb >= lo) & (kb - qb <= hi)
 
-    def _block_rule(self, h: Tensor, qb: Tensor, kb: Tensor, n_blocks: int | None) -> Tensor:
-        if n_blocks is None:
-            if not self.causal:
-                raise AttentionSpecError(
-                    "bidirectional bigbird draws random blocks from all blocks: "
-                    "use mask_mod_for(seq_len)"
-                )
-            # causal draws for a row depend only on the blocks before it: any length will do
-            n_blocks = int(qb.max()) + 1
-        globals_ = _in(self.global_blocks, qb) | _in(self.global_blocks, kb)
-        table = _bigbird_random_table(self, n_blocks).to(qb.device)  # (Hn, N, r)
-        drawn = table[h.to(qb.device), qb.clamp(0, n_blocks - 1)]  # (..., r)
-        random = (drawn == kb.unsqueeze(-1)).any(dim=-1)
-        return self._window(qb, kb) | globals_ | random
+    def _tables(self, seq_len: int | None, device: torch.device) -> Tables:
+        tables = {"globals": _membership(self.global_blocks, device)}
+        if seq_len is not None:
+            tables["random"] = self._draws(math.ceil(seq_len / self.block), device)
+        elif not self.causal:
+            raise AttentionSpecError(
+                "bidirectional bigbird draws random blocks from all blocks: "
+                "use mask_mod_for(seq_len)"
+            )
+        return tables
 
-    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, seq_len: int | None) -> Tensor:
-        n_blocks = None if seq_len is None else math.ceil(seq_len / self.block)
-        head = h if (h is not None and self.per_head) else torch.tensor(0)
-        return self._block_rule(head, q // self.block, k // self.block, n_blocks)
+    def _draws(self, n_blocks: int, device: torch.device) -> Tensor:
+        """(r, Hn * N) the random table, one row per draw, heads one after another."""
+        table = _bigbird_random_table(self, n_blocks)  # (Hn, N, r)
+        return table.permute(2, 0, 1).reshape(self.random, self.n_heads * n_blocks).to(device)
+
+    def _block_rule(self, h: Tensor | None, qb: Tensor, kb: Tensor, tables: Tables) -> Tensor:
+        """The rule on blocks; h indexes the heads (None: head 0)."""
+        allowed = self._window(qb, kb) | _in(tables["globals"], qb) | _in(tables["globals"], kb)
+        if "random" in tables:
+            draws = _on(tables["random"], qb)
+            n_blocks = draws.shape[-1] // self.n_heads
+        else:  # causal, no length (eager only): a row's draws depend only on the blocks
+            # before it, so any length covering the largest query block will do
+            n_blocks = int(qb.max()) + 1
+            draws = self._draws(n_blocks, qb.device)
+        # one flat index, not draws[h, qb]: a 0-d head tensor there becomes .item() when traced
+        slot = qb.clamp(0, n_blocks - 1)
+        if h is not None and self.per_head:
+            slot = h.to(qb.device) * n_blocks + slot
+            if self.random == 0:
+                allowed = allowed & (slot >= 0)  # the head dimension the draws would give
+        # a gather per draw, not (drawn == kb[..., None]).any(-1): FlexAttention's kernel
+        # takes pointwise ops only
+        for j in range(self.random):
+            allowed = allowed | (draws[j][slot] == kb)
+        return allowed
+
+    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, tables: Tables) -> Tensor:
+        return self._block_rule(h, q // self.block, k // self.block, tables)
 
     def _tiles(self, t: Tiles) -> Tensor:
-        n_blocks = math.ceil(t.seq_len / self.block)
+        tables = self._tables(t.seq_len, torch.device("cpu"))
         heads = torch.arange(self.n_heads).view(-1, 1, 1)
 
         def rule(qb: Tensor, kb: Tensor) -> Tensor:
-            return self._block_rule(heads, qb, kb, n_blocks)
+            return self._block_rule(heads, qb, kb, tables)
 
         return _block_rule_tiles(rule, self.block, self.causal, t)
 
@@ -696,14 +766,24 @@ class Variable(Pattern):
             raise AttentionSpecError("variable: global_blocks must be >= 0")
         super().__post_init__()
 
-    def _window_of(self, blocks: Tensor) -> Tensor:
+    def _window_of(self, blocks: Tensor, tables: Tables) -> Tensor:
         """Index of the local window holding each block; the last size repeats."""
         *listed, last = self.local_windows
         listed_end = sum(listed)
-        bounds = torch.tensor(list(itertools.accumulate(listed)), dtype=blocks.dtype)
-        head = torch.bucketize(blocks, bounds, right=True)
+        table = _on(tables["window_of"], blocks)  # blocks before listed_end, by lookup
+        head = table[blocks.clamp(0, table.numel() - 1)]
         tail = len(listed) + torch.div(blocks - listed_end, last, rounding_mode="floor")
         return torch.where(blocks >= listed_end, tail, head)
+
+    def _tables(self, seq_len: int | None, device: torch.device) -> Tables:
+        *listed, _ = self.local_windows
+        window_of = torch.zeros(1, dtype=torch.long)  # one size: never read, but gathered from
+        if listed:  # (sum(listed),) the window of each block before the repeating size
+            window_of = torch.repeat_interleave(torch.arange(len(listed)), torch.tensor(listed))
+        return {
+            "window_of": window_of.to(device),
+            "globals": _membership(self._global_blocks(), device),
+        }
 
     def validate(self, seq_len: int) -> None:
         n_blocks = math.ceil(seq_len / self.block)
@@ -718,16 +798,20 @@ class Variable(Pattern):
             for b in range(s, e)
         )
 
-    def _block_rule(self, qb: Tensor, kb: Tensor) -> Tensor:
-        allowed = self._window_of(qb) == self._window_of(kb)
-        glob = self._global_blocks()
-        allowed = allowed | _in(glob, kb)
+    def _block_rule(self, qb: Tensor, kb: Tensor, tables: Tables) -> Tensor:
+        allowed = self._window_of(qb, tables) == self._window_of(kb, tables)
+        allowed = allowed | _in(tables["globals"], kb)
         if self.horizontal_global:
-            allowed = allowed | _in(glob, qb)
+            allowed = allowed | _in(tables["globals"], qb)
         return allowed
 
-    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, seq_len: int | None) -> Tensor:
-        return self._block_rule(q // self.block, k // self.block)
+    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, tables: Tables) -> Tensor:
+        return self._block_rule(q // self.block, k // self.block, tables)
 
     def _tiles(self, t: Tiles) -> Tensor:
-        return _block_rule_tiles(self._block_rule, self.block, self.causal, t)
+        tables = self._tables(t.seq_len, torch.device("cpu"))
+
+        def rule(qb: Tensor, kb: Tensor) -> Tensor:
+            return self._block_rule(qb, kb, tables)
+
+        return _block_rule_tiles(rule, self.block, self.causal, t)
