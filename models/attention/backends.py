@@ -19,8 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.attention.blocksparse import BlockSparsePlan, block_sparse_attention, build_plan
-from models.attention.patterns import AttentionSpecError, Pattern
+from models.attention.blocksparse import (
+    BlockSparsePlan,
+    _document_tiles,
+    block_sparse_attention,
+    build_plan,
+)
+from models.attention.patterns import AttentionSpecError, MaskMod, Pattern
 
 
 @dataclass
@@ -258,25 +263,57 @@ class BlockSparseBackend(Backend):
 
 _compiled_flex: Any = None
 
+# FlexAttention's tile: the BlockMask's block size. torch 2.13 compiles flex with one default
+# Triton config per (GPU generation, dtype, head_dim); the forward refuses a BlockMask block
+# that its BLOCK_M or BLOCK_N does not divide ("Q and KV block size must be divisible by
+# BLOCK_M and BLOCK_N"), and the backward skips a default config that does not divide it
+# before any `kernel_options` apply, leaving no kernel at all. Those defaults reach 128 (bf16
+# at head_dim 64 and 128 on H100 and B200: a (128, 128) forward, (64, 128, 128, 64) backward)
+# and every one of them divides 128 (tests/test_flex_tiles.py reads them all from torch), so
+# the mask is built on 128-token tiles, whatever the pattern's own block: its layout at 128
+# is exact (computed from the tiles' ranges), and mask_mod keeps every token exact.
+FLEX_BLOCK = 128
+
 
 @register_backend
 class FlexBackend(Backend):
     """PyTorch FlexAttention with a BlockMask built from the pattern's analytic layout (never
     by evaluating the mask on S x S points). Compiled on CUDA, where it is the fast path; on
-    CPU it runs the forward pass only (FlexAttention has no CPU backward)."""
+    CPU it runs the forward pass only (FlexAttention has no CPU backward).
+
+    The pattern's layout, its fully allowed tiles and its BlockMask are built once per
+    length and device; a batch with documents or padding combines them with per-block
+    document and padding tables, on the device, with no host sync."""
 
     name: ClassVar[str] = "flex"
     supports_alibi: ClassVar[bool] = False
     supports_dropout: ClassVar[bool] = False
+    LAYOUT_CACHE: ClassVar[int] = 4  # lengths kept per backend, by length and device
+
+    def __init__(self, pattern: Pattern, block_size: int = 64) -> None:
+        super().__init__(pattern, block_size)
+        self._layouts: dict[tuple[int, str], FlexLayout] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_layouts": {}}  # a pickled model carries no masks
 
     @classmethod
     def supports(cls, pattern: Pattern) -> bool:
         return True
 
+    def layout(self, seq_len: int, device: torch.device | None) -> FlexLayout:
+        key = (seq_len, str(device))
+        if key not in self._layouts:
+            if len(self._layouts) >= self.LAYOUT_CACHE:
+                self._layouts.pop(next(iter(self._layouts)))
+            self._layouts[key] = FlexLayout.build(self.pattern, seq_len, device)
+        return self._layouts[key]
+
     def prepare(self, geo: BatchGeometry, dtype: torch.dtype) -> Any:
         if not geo.is_aligned:  # decoding with a KV cache: exact dense fallback, as blocksparse
             return dense_bias(self.pattern, geo, dtype)
-        return flex_block_mask(self.pattern, geo, self.block_size)
+        layout = self.layout(geo.q_len, geo.device)
+        return layout.block_mask(geo.document_ids, geo.key_padding_mask)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: Any, dropout_p: float) -> Tensor:
         if isinstance(prepared, Tensor):
@@ -300,53 +337,111 @@ class FlexBackend(Backend):
             return flex_attention(q, k, v, block_mask=prepared, enable_gqa=gqa)
 
 
-def flex_block_mask(pattern: Pattern, geo: BatchGeometry, block_size: int) -> Any:
-    """A FlexAttention BlockMask from the analytic layout: partial and full tiles come from
-    the block-sparse plan; the token rule (with documents and padding) from mask_mod."""
+@dataclass
+class FlexLayout:
+    """A pattern's FlexAttention tiles at one length, on one device: (Hm, N, N) bool tables
+    of tiles with any allowed pair (`valid`) and with every pair allowed (`full`), the
+    pattern's mask_mod with its tables on the device, and the BlockMask of a batch with
+    neither documents nor padding."""
+
+    seq_len: int
+    valid: Tensor
+    full: Tensor
+    rule: MaskMod
+    plain: Any  # BlockMask
+
+    TILES_PER_PASS: ClassVar[int] = 512  # tiles per evaluation: 64 MB of int64 indices
+
+    @classmethod
+    def build(cls, pattern: Pattern, seq_len: int, device: torch.device | None) -> FlexLayout:
+        bs = FLEX_BLOCK
+        valid = pattern.block_layout(seq_len, bs).to(device)  # (Hm, N, N)
+        rule = pattern.mask_mod_for(seq_len, device=device)
+        full = torch.zeros_like(valid)
+        # Fully allowed tiles need no mask_mod: find them by evaluating the rule on the valid
+        # tiles only (O(tiles x bs^2), once per length). A tile across the end of the
+        # sequence stays partial: flex's own bound check is not a full tile's.
+        h, qb, kb = valid.nonzero(as_tuple=True)
+        r = torch.arange(bs, device=valid.device)
+        for i in range(0, h.numel(), cls.TILES_PER_PASS):
+            hh, qq, kk = (x[i : i + cls.TILES_PER_PASS] for x in (h, qb, kb))
+            q = (qq * bs).view(-1, 1, 1) + r.view(1, -1, 1)
+            k = (kk * bs).view(-1, 1, 1) + r.view(1, 1, -1)
+            heads = hh.view(-1, 1, 1) if pattern.n_heads > 1 else None
+            inside = ((qq + 1) * bs <= seq_len) & ((kk + 1) * bs <= seq_len)
+            full[hh, qq, kk] = rule(None, heads, q, k).expand(-1, bs, bs).flatten(1).all(1) & inside
+        plain = _block_mask(valid[None], full[None], rule, seq_len)
+        return cls(seq_len, valid, full, rule, plain)
+
+    def block_mask(self, document_ids: Tensor | None, key_padding_mask: Tensor | None) -> Any:
+        """The BlockMask of a batch: the pattern's tiles, less those that documents or
+        padding leave empty; full only where one document covers both blocks and no key
+        is padding. Tensor ops only: no host sync, however the batch looks."""
+        if document_ids is None and key_padding_mask is None:
+            return self.plain
+        bs, n, S = FLEX_BLOCK, self.valid.shape[-1], self.seq_len
+        valid, full = self.valid[None], self.full[None]  # (1, Hm, N, N)
+        if document_ids is not None:
+            first, last = _block_ends(document_ids, n, bs)  # (B, N) ids ascend along a row
+            valid = valid & _document_tiles(document_ids, S, bs)
+            single = first == last  # the block lies in one document
+            same = (
+                single[:, :, None] & single[:, None, :] & (first[:, :, None] == first[:, None, :])
+            )
+            full = full & same[:, None]
+        if key_padding_mask is not None:
+            keep = F.pad(key_padding_mask, (0, n * bs - S), value=False).view(-1, n, bs)
+            valid = valid & keep.any(-1)[:, None, None, :]
+            full = full & keep.all(-1)[:, None, None, :]
+        rule, docs, keep_ = self.rule, document_ids, key_padding_mask
+
+        def mask_mod(b: Any, h: Any, q_idx: Tensor, k_idx: Tensor) -> Tensor:
+            allowed = rule(b, h, q_idx, k_idx)
+            if docs is not None:
+                allowed = allowed & (docs[b, q_idx] == docs[b, k_idx])
+            if keep_ is not None:
+                allowed = allowed & keep_[b, k_idx]
+            return allowed
+
+        return _block_mask(valid, full, mask_mod, S)
+
+
+def flex_block_mask(pattern: Pattern, geo: BatchGeometry) -> Any:
+    """The FlexAttention BlockMask of `pattern` for one batch (FlexBackend.prepare without
+    the backend's cache)."""
+    layout = FlexLayout.build(pattern, geo.q_len, geo.device)
+    return layout.block_mask(geo.document_ids, geo.key_padding_mask)
+
+
+def _block_ends(ids: Tensor, n: int, bs: int) -> tuple[Tensor, Tensor]:
+    """(B, N) the first and last id of each block (the last id repeats past the end)."""
+    pad = n * bs - ids.shape[1]
+    padded = torch.cat([ids, ids[:, -1:].expand(-1, pad)], dim=1) if pad else ids
+    blocks = padded.view(ids.shape[0], n, bs)
+    return blocks[..., 0], blocks[..., -1]
+
+
+def _ordered(tiles: Tensor) -> tuple[Tensor, Tensor]:
+    """(..., N) int32 count and (..., N, N) int32 column indices of the True tiles of each
+    row, first: BlockMask's form (stable sort, on the device)."""
+    count = tiles.sum(-1, dtype=torch.int32)
+    idx = torch.argsort(tiles.to(torch.int8), dim=-1, descending=True, stable=True)
+    return count, idx.to(torch.int32)
+
+
+def _block_mask(valid: Tensor, full: Tensor, mask_mod: MaskMod, seq_len: int) -> Any:
     from torch.nn.attention.flex_attention import BlockMask
 
-    plan = build_plan(
-        pattern,
-        geo.q_len,
-        block_size,
-        geo.device,
-        geo.document_ids,
-        geo.key_padding_mask,
-        allow_band=False,
-        dense_rows=False,
-    )
-    partial = plan.valid & ~plan.full  # (Bm, Hm, N, K)
-    n = plan.n_blocks
-
-    def indices(on: Tensor) -> tuple[Tensor, Tensor]:
-        count = on.sum(-1).to(torch.int32)
-        order = torch.argsort((~on).to(torch.int8), dim=-1, stable=True)
-        idx = torch.gather(plan.kv_idx, -1, order)
-        full_width = torch.zeros(*idx.shape[:-1], n, dtype=torch.int32, device=idx.device)
-        full_width[..., : idx.shape[-1]] = idx.to(torch.int32)
-        return count, full_width
-
-    kv_num, kv_idx = indices(partial)
-    full_num, full_idx = indices(plan.full & plan.valid)
-    rule = pattern.mask_mod_for(geo.q_len)
-    docs, keep = geo.document_ids, geo.key_padding_mask
-
-    def mask_mod(b: Any, h: Any, q_idx: Tensor, k_idx: Tensor) -> Tensor:
-        allowed = rule(b, h, q_idx, k_idx)
-        if docs is not None:
-            allowed = allowed & (docs[b, q_idx] == docs[b, k_idx])
-        if keep is not None:
-            allowed = allowed & keep[b, k_idx]
-        return allowed
-
+    kv_num, kv_idx = _ordered(valid & ~full)
+    full_num, full_idx = _ordered(full)
     return BlockMask.from_kv_blocks(
         kv_num,
         kv_idx,
         full_num,
         full_idx,
-        BLOCK_SIZE=block_size,
+        BLOCK_SIZE=FLEX_BLOCK,
         mask_mod=mask_mod,
-        seq_lengths=(geo.q_len, geo.kv_len),
+        seq_lengths=(seq_len, seq_len),
     )
 
 

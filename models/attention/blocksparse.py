@@ -48,6 +48,17 @@ _softmax_backward = torch.ops.aten._softmax_backward_data.out  # dS in place of 
 CHUNK_BYTES = 1 << 21  # score tile bytes per step of the Python loop: about an L2 cache
 # the native CPU kernel's steps: each core has its own step, next to its key or value slots
 NATIVE_CHUNK_BYTES = 1 << 19
+# On a GPU each step launches about 6 kernels forward and 13 backward: the fewer and larger
+# the steps, the less launch overhead; 64 MB of scores keeps a step's buffers small next to
+# a GPU's memory. (FlexAttention is the training backend on CUDA; this is the fallback.)
+CUDA_CHUNK_BYTES = 1 << 26
+
+
+def chunk_bytes(device: torch.device | str | None) -> int:
+    """Score bytes per kernel step on `device`."""
+    if torch.device(device or "cpu").type == "cuda":
+        return CUDA_CHUNK_BYTES
+    return CHUNK_BYTES if native.kernel(device) is None else NATIVE_CHUNK_BYTES
 
 
 @dataclass
@@ -190,8 +201,7 @@ def build_plan(
     # Rows with nothing allowed (padding queries past seq_len, or all-padding keys) attend
     # every slot: finite, and never read; -inf everywhere would give NaN gradients.
     allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
-    chunk_bytes = CHUNK_BYTES if native.kernel(device) is None else NATIVE_CHUNK_BYTES
-    chunk = max(1, min(n, chunk_bytes // (4 * bs * bs * width)))
+    chunk = max(1, min(n, chunk_bytes(device) // (4 * bs * bs * width)))
     sparse = torch.ones(n, dtype=torch.bool) if heavy is None else ~heavy.cpu()
     ranges = [(c0, min(b, c0 + chunk)) for a, b in _runs(sparse) for c0 in range(a, b, chunk)]
     masks = []
@@ -244,7 +254,8 @@ def _dense_rows(
     q = rows.view(1, 1, -1, 1)
     k = torch.arange(seq_len, device=device).view(1, 1, 1, -1)
     h = torch.arange(pattern.n_heads, device=device).view(1, -1, 1, 1)
-    allowed = pattern.mask_mod_for(seq_len)(None, h if pattern.n_heads > 1 else None, q, k)
+    rule = pattern.mask_mod_for(seq_len, device=device)
+    allowed = rule(None, h if pattern.n_heads > 1 else None, q, k)
     if document_ids is not None:
         allowed = allowed & (document_ids[:, None, rows, None] == document_ids[:, None, None, :])
     if key_padding_mask is not None:
@@ -256,7 +267,8 @@ def _dense_rows(
     if not bool(allowed.all()):
         bias = torch.zeros(allowed.shape, dtype=torch.float32, device=device)
         bias.masked_fill_(~allowed, float("-inf"))
-    chunk = max(1, CHUNK_BYTES // (4 * seq_len))
+    on_gpu = torch.device(device or "cpu").type == "cuda"  # the dense pass is Python's loop
+    chunk = max(1, (CUDA_CHUNK_BYTES if on_gpu else CHUNK_BYTES) // (4 * seq_len))
     return DenseRows(rows, bias, chunk)
 
 
@@ -315,7 +327,7 @@ def _slot_mask(
     k = k.unsqueeze(3)  # (Bl, Hl, N, 1, K*bs)
     heads = torch.arange(pattern.n_heads, device=device).view(1, -1, 1, 1, 1)
     h = heads if pattern.n_heads > 1 else None
-    allowed = pattern.mask_mod_for(seq_len)(None, h, q, k)
+    allowed = pattern.mask_mod_for(seq_len, device=device)(None, h, q, k)
     allowed = allowed & (k >= 0) & (k < seq_len)  # a slot of block -1 has k < 0
     if document_ids is not None or key_padding_mask is not None:
         B = (document_ids if document_ids is not None else key_padding_mask).shape[0]
