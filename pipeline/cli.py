@@ -16,7 +16,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from pipeline.config import JobSpec, load_spec, resolved_yaml
+from pipeline.config import JobSpec, load_spec, resolved_yaml, spec_warnings
 from pipeline.errors import UserError
 from pipeline.jobs.submit import Cluster
 
@@ -49,10 +49,14 @@ def choose(option: str, value: str, *allowed: str) -> str:
 
 
 def load(spec: Path, overrides: list[str] | None) -> JobSpec:
+    """The validated spec; its warnings go to stderr, one line each."""
     try:
-        return load_spec(spec, overrides or [])
+        resolved = load_spec(spec, overrides or [])
     except UserError as exc:
         fail(str(exc))
+    for line in spec_warnings(resolved):
+        typer.echo(f"attnpipe: warning: {line}", err=True)
+    return resolved
 
 
 @app.command()

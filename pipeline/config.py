@@ -595,6 +595,33 @@ class JobSpec(_Node):
         return t.global_batch_size // (t.micro_batch_size * self.resources.num_workers)
 
 
+def spec_warnings(spec: JobSpec) -> list[str]:
+    """Choices that run, but not as a user likely means them: one line each, naming the key.
+    (Errors are raised by validation; these are for `attnpipe validate` and the other
+    commands to print.)"""
+    out = []
+    backends = {"attention.backend": spec.attention.backend}
+    for name, tree in spec.compare.variants.items():
+        backend = (tree.get("attention") or {}).get("backend")
+        if backend:
+            backends[f"compare.variants.{name}.attention.backend"] = backend
+    if spec.resources.gpus_per_worker > 0:
+        for key, backend in backends.items():
+            if backend == "blocksparse":
+                out.append(
+                    f"{key}: blocksparse on GPUs launches about 20 small kernels per (batch, "
+                    "head, chunk, layer) and upcasts bf16 to fp32; 'flex' (FlexAttention, "
+                    "compiled) is the training backend on CUDA"
+                )
+    if spec.training.precision == "bf16" and spec.deepspeed.zero_stage == 0:
+        out.append(
+            "deepspeed.zero_stage: 0 with bf16 runs DeepSpeed's stage 1 (its BF16_Optimizer: "
+            "fp32 master weights and gradient accumulation, optimizer state partitioned "
+            "over data-parallel ranks); DeepSpeed 0.19 has no fp32 accumulation at stage 0"
+        )
+    return out
+
+
 def _check_attention(attn: AttentionConfig, model: ModelConfig, seq_len: int) -> None:
     """The pattern and backend exist, take these parameters, fit the sequence length and
     work with the model: the checks the model makes at construction, made before any run."""

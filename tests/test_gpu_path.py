@@ -6,11 +6,14 @@
   naming the worker's device lands on `meta`, and the wrapped collective refuses it.
 - bf16 sums gradients over micro-batches in fp32, and export writes the fp32 master
   weights, not the bf16 model's, for every ZeRO stage (and fp16's at stage 0).
+- `attnpipe validate` warns where a spec runs but not as meant on a GPU.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -222,3 +225,24 @@ def test_export_of_fp16_zero0_takes_the_optimizers_fp32_groups(tmp_path):
     for name, value in masters.items():
         assert torch.equal(state[name], value), name
     assert not torch.equal(masters["w"].half().float(), masters["w"])  # fp16 would differ
+
+
+def test_validate_warns_of_blocksparse_on_gpus_and_bf16_at_stage_0(tmp_path):
+    from pipeline.config import spec_warnings
+
+    gpu = ["resources.gpus_per_worker=1", "attention.pattern=sliding_window"]
+    gpu += ["attention.params.window=16"]
+    cmd = [sys.executable, "-m", "pipeline.cli", "validate", "jobs/decoder-tiny.yaml", *gpu]
+    run = subprocess.run(
+        [*cmd, "attention.backend=blocksparse"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert run.returncode == 0 and run.stdout.startswith("job:")  # the YAML stays clean
+    assert run.stderr.splitlines() == [
+        "attnpipe: warning: attention.backend: blocksparse on GPUs launches about 20 small "
+        "kernels per (batch, head, chunk, layer) and upcasts bf16 to fp32; 'flex' "
+        "(FlexAttention, compiled) is the training backend on CUDA"
+    ]
+    assert spec_warnings(tiny_spec(tmp_path, "fp32", 0)) == []  # CPU, fp32: nothing to say
+    bf16 = spec_warnings(tiny_spec(tmp_path, "bf16", 0))
+    assert len(bf16) == 1 and bf16[0].startswith("deepspeed.zero_stage: 0 with bf16 runs")
+    assert spec_warnings(tiny_spec(tmp_path, "bf16", 2)) == []
