@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -67,11 +69,40 @@ def test_flops_per_token_is_6n_plus_attention_term():
         flops_per_token(cfg, 1024, attn_density=1.5)
 
 
-def test_breakdown_sums_to_total():
+def readme_size_table() -> dict[str, int]:
+    """The README's preset table, `| tiny / tiny-encoder | family | 149,248 / 154,048 |`
+    rows; "gpt2-small / medium / large" abbreviates gpt2-medium and gpt2-large."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = text.split("| preset | family | params |")[1].split("\n\n")[0]
+    sizes = {}
+    for row in table.strip().splitlines()[1:]:
+        names, _, counts = (cell.strip() for cell in row.strip("|").split("|"))
+        names, counts = names.split(" / "), counts.split(" / ")
+        stem = names[0].rsplit("-", 1)[0]
+        for name, count in zip(names, counts, strict=True):
+            full = name if name.startswith(stem) else f"{stem}-{name}"
+            sizes[full] = int(count.replace(",", ""))
+    return sizes
+
+
+def test_the_readme_size_table_is_every_preset_built():
+    sizes = readme_size_table()
+    assert sorted(sizes) == sorted(PRESETS)
+    for name, count in sizes.items():
+        with torch.device("meta"):
+            model = build_model(preset_config(name))
+        assert sum(p.numel() for p in model.parameters()) == count, name
+
+
+def test_breakdown_parts_are_the_built_modules():
     cfg = preset_config("encdec-small")
     parts = param_breakdown(cfg)
-    assert sum(parts.values()) == count_params(cfg)
-    assert parts["encoder"] > 0 and parts["decoder"] > parts["encoder"]  # cross-attention
+    with torch.device("meta"):
+        model = build_model(cfg)
+    built = {n: p.numel() for n, p in model.named_parameters()}
+    assert parts["encoder"] == sum(v for n, v in built.items() if n.startswith("encoder."))
+    assert parts["decoder"] == sum(v for n, v in built.items() if n.startswith("decoder."))
+    assert parts["decoder"] > parts["encoder"]  # cross-attention
 
 
 def test_unknown_preset_names_the_known_ones():

@@ -22,6 +22,7 @@ from models.attention import (
     sparse_attention,
 )
 from models.attention.adaptive_span import clamp_spans, current_spans, span_penalty
+from models.attention.blocksparse import BlockSparsePlan
 from models.config import AdaptiveSpanConfig
 from models.heatmap import attention_heatmaps
 from models.maps import attention_maps
@@ -413,6 +414,20 @@ def test_bigbird_per_head_layouts_differ():
     assert not torch.equal(layout[0], layout[1])
 
 
+def test_dilated_is_longformer_section_3_1():
+    # Beltagy et al. 2020, 3.1: a window of w keys with gaps of size d - 1 between them, so a
+    # layer reaches w x d tokens; causal: the w keys q, q - d, ..., q - (w - 1) d
+    causal = make_pattern("dilated", window=3, dilation=2, causal=True)
+    assert rows(causal, 12, 0, 3, 4, 11) == {0: [0], 3: [1, 3], 4: [0, 2, 4], 11: [7, 9, 11]}
+    # bidirectional: w // 2 keys on either side, d apart
+    both = make_pattern("dilated", window=5, dilation=3, causal=False)
+    assert rows(both, 16, 0, 7, 15) == {0: [0, 3, 6], 7: [1, 4, 7, 10, 13], 15: [9, 12, 15]}
+    # dilation 1 is the sliding window
+    plain = make_pattern("dilated", window=4, dilation=1, causal=True)
+    window = make_pattern("sliding_window", window=4, causal=True)
+    assert torch.equal(plain.dense_mask(20), window.dense_mask(20))
+
+
 def test_variable_matches_deepspeed_semantics():
     pattern = make_pattern("variable", block=1, local_windows=[2, 3], global_blocks=[0])
     assert rows(pattern, 8, 1, 3, 6) == {1: [0, 1], 3: [0, 2, 3, 4], 6: [0, 5, 6, 7]}
@@ -586,5 +601,7 @@ def test_incompatible_backends_fail_at_construction():
             preset_config("tiny-encoder"),
             AttentionConfig(adaptive_span=AdaptiveSpanConfig(max_span=8)),
         )
+    # a pattern every backend supports prepares a plan for each, of the backend's own kind
     geo = BatchGeometry(q_len=8, kv_len=8)
-    assert make_backend("blocksparse", make_pattern("dense")).prepare(geo, torch.float32)
+    plan = make_backend("blocksparse", make_pattern("dense")).prepare(geo, torch.float32)
+    assert isinstance(plan, BlockSparsePlan) and plan.seq_len == 8 and plan.n_blocks == 1
