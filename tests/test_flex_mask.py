@@ -119,8 +119,8 @@ class HostSyncs(TorchFunctionMode):
     the device (what torch.cuda.set_sync_debug_mode reports there)."""
 
     NAMES = frozenset(
-        ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero")
-        + ("numpy", "cpu", "any", "all")
+        {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"}
+        | {"numpy", "cpu", "any", "all"}
     )
 
     def __init__(self) -> None:
