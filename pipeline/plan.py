@@ -1,24 +1,52 @@
 """The memory planner behind `attnpipe plan`: what each GPU holds while a job trains, and
 whether that fits the GPU the spec names (`resources.gpu_type`).
 
-Model states follow the ZeRO paper's accounting (Rajbhandari et al. 2020, section 3.1).
-With P parameters and mixed precision (bf16/fp16) training holds 2P bytes of 16-bit
-parameters, 2P of 16-bit gradients and 12P of optimizer state (fp32 master weights, Adam's
-m and v); fp32 training holds 4P + 4P + 8P. Over N data-parallel ranks ZeRO-1 partitions
-the optimizer state, ZeRO-2 the gradients too, ZeRO-3 the parameters too (each / N).
-Offloading the optimizer (ZeRO-Offload) keeps the fp32 partition, m and v in host memory,
-and from ZeRO-2 on the fp32 gradient partition as well; offloading parameters (ZeRO-3)
-keeps their partition there too.
+Model states follow the ZeRO paper's accounting (Rajbhandari et al. 2020, section 3.1),
+for the optimizer DeepSpeed 0.19.8 builds from the config the workers get
+(pipeline/train/deepspeed_config.py, read as DeepSpeed's engine reads it). With P parameters
+and mixed precision (bf16/fp16) training holds 2P bytes of 16-bit parameters, 2P of 16-bit
+gradients and 12P of optimizer state (fp32 master weights, Adam's m and v); fp32 training
+holds 4P + 4P + 8P (attnpipe's ZeRO shares the fp32 master with the model's own weights,
+pipeline/train/zero.py). Over N data-parallel ranks ZeRO-1 partitions the optimizer state,
+ZeRO-2 the gradients too, ZeRO-3 the parameters too (each / N). Gradients are held in the
+dtype DeepSpeed accumulates them in: bf16 jobs accumulate in fp32, which DeepSpeed does at
+stage 1 and up only, so attnpipe runs bf16 stage 0 as stage 1, where DeepSpeed's
+BF16_Optimizer keeps the bf16 gradients and a whole fp32 copy (2P + 4P) beside partitioned
+optimizer state; ZeRO-2 and 3 keep this rank's fp32 partition (4P/N). Offloading the
+optimizer (ZeRO-Offload) keeps the fp32 partition, m and v in host memory, and an fp32
+gradient partition for CPU Adam (ZeRO-1 keeps its whole gradients on the GPU as well);
+offloading parameters (ZeRO-3) keeps their partition there too.
+
+The optimizer step adds temporaries the paper leaves out (torch.optim.AdamW steps with
+foreach, PyTorch's default on CUDA):
+- AdamW's sqrt(v): 4 bytes per parameter of what one call updates: a param group at stage
+  0, this rank's partition at stages 1-2 (and in BF16_Optimizer), a sub-group of at most
+  1e9 parameters at stage 3.
+- fp32 gradients made for the step: fp16/bf16 stage 0 (DeepSpeed's FP16_UnfusedOptimizer)
+  copies every gradient to fp32 (4P); ZeRO-1/2 copy this rank's partition to a flat fp32
+  tensor (4P/N), in fp32 runs too; ZeRO-3 does so per sub-group. Only 16-bit models that
+  accumulate in fp32 (BF16_Optimizer, ZeRO-2's compact partition) step on the fp32
+  gradients they hold, and fp32 stage 0 on its own .grad.
+These exist only during the step, after backward has freed the activations, so the peak is
+what is always held plus the larger of the forward/backward and the step transients.
 
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
 Transformer Models", section 4.1): one transformer layer stores s*b*h*(34 + 5*a*s/h) bytes
 in 16-bit, where 34*s*b*h is the layer body and 5*a*s^2*b the attention scores, their
 softmax and its dropout mask. A sparse pattern scores only the keys a query meets: k keys
 per query, read from its block layout, give 5*a*s*k*b. With activation checkpointing each
-layer keeps only its input (2*s*b*h) and one layer at a time is recomputed in full.
+layer keeps only its input (2*s*b*h) and one layer at a time is recomputed in full. The
+`blocksparse` backend computes in fp32 and saves fp32 copies of q, k and v for its backward
+(models/attention/blocksparse.py), 2 bytes per element more than the paper's 16-bit ones.
+
+The logits cost 12 bytes per element at the start of backward, in either precision: the
+loss (`F.cross_entropy(logits.float(), ...)`) saves its fp32 log-softmax (4), and backward
+makes its gradient (4) and the gradient of the fp32 logits (4) before the first is freed.
+The forward pass peaks lower (bf16: the logits 2 + their fp32 copy 4 + the log-softmax 4).
 
 Symbols: P parameters, N data-parallel ranks, s sequence length, b micro batch, h model
-width, a attention heads, k keys per query, V vocabulary.
+width, kv key/value width (h without grouped-query attention), a attention heads, k keys
+per query, V vocabulary.
 """
 
 from __future__ import annotations
@@ -37,6 +65,13 @@ GiB = 1024**3
 # One per training process: the CUDA context, cuBLAS and NCCL workspaces. Communication
 # buckets and allocator fragmentation come on top and are not counted.
 FRAMEWORK_OVERHEAD = 1 * GiB
+# DeepSpeed's zero_optimization.sub_group_size default (runtime/zero/config.py), which
+# attnpipe's config leaves alone: ZeRO-3 steps its partition in sub-groups of this many
+# parameters (a sub-group closes at the first parameter that reaches it).
+ZERO3_SUB_GROUP = 1_000_000_000
+# When a line's bytes are on the GPU: always, while forward and backward run (activations,
+# logits, ZeRO-3's gathered parameters), or during the optimizer step only.
+HELD, TRAIN, STEP = "always", "forward/backward", "optimizer step"
 
 
 class PlanError(UserError):
@@ -137,6 +172,13 @@ class Workload:
     global_batch: int
     checkpointing: bool
     workers_per_gpu: int = 1
+    kv_dim: int | None = None  # key/value width (n_kv_heads x head_dim); None: d_model
+    fp32_qkv: bool = False  # the attention backend saves fp32 copies of q, k, v (blocksparse)
+    # What DeepSpeed runs for each ZeRO setting the planner may try, (zero_stage,
+    # offload_optimizer, offload_params) -> (its ZeRO stage, gradient accumulation dtype),
+    # read from the config the workers get; a setting not listed runs as written and
+    # accumulates in the training precision.
+    deepspeed_runs: tuple[tuple[tuple[int, bool, bool], tuple[int, str]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -145,13 +187,59 @@ class Line:
     gpu: int  # bytes on each GPU
     cpu: int  # bytes of host memory per GPU (offloaded states)
     detail: str
+    phase: str = HELD  # HELD, TRAIN or STEP: when the GPU bytes exist
+
+
+def peak(lines: list[Line] | tuple[Line, ...]) -> int:
+    """GPU bytes at the peak: what is always held, plus the larger of what forward/backward
+    and what the optimizer step add (backward frees the activations before the step)."""
+    held = sum(line.gpu for line in lines if line.phase == HELD)
+    train = sum(line.gpu for line in lines if line.phase == TRAIN)
+    step = sum(line.gpu for line in lines if line.phase == STEP)
+    return held + max(train, step)
+
+
+@dataclass(frozen=True)
+class OptimizerPath:
+    """How DeepSpeed 0.19.8 runs a job's optimizer, as its engine reads attnpipe's config
+    (engine.py `_do_optimizer_sanity_check` and `_configure_optimizer`)."""
+
+    stage: int  # the ZeRO stage DeepSpeed runs
+    accum: str  # the dtype gradients accumulate in: "fp32", "bf16" or "fp16"
+    wrapper: str  # DeepSpeed's optimizer class around torch.optim.AdamW (or CPU Adam)
+
+
+def optimizer_path(w: Workload) -> OptimizerPath:
+    """The optimizer DeepSpeed builds for a workload; PlanError where DeepSpeed refuses."""
+    key = (w.zero_stage, w.offload_optimizer, w.offload_params)
+    stage, accum = dict(w.deepspeed_runs).get(key, (w.zero_stage, w.precision))
+    if stage == 0:
+        if accum != w.precision:
+            raise PlanError(
+                f"deepspeed: DeepSpeed 0.19 does not accumulate {w.precision} gradients in "
+                f"{accum} at ZeRO stage 0 (engine: 'unsupported mix')"
+            )
+        # fp32: torch AdamW as it is; bf16/fp16: FP16_UnfusedOptimizer (FP16_Optimizer only
+        # wraps DeepSpeed's FusedAdam, which attnpipe's config never asks for)
+        wrapper = "torch AdamW" if w.precision == "fp32" else "FP16_UnfusedOptimizer"
+    elif stage == 1 and w.precision == "bf16" and accum == "fp32" and not w.offload_optimizer:
+        wrapper = "BF16_Optimizer"
+    else:
+        wrapper = "DeepSpeedZeroOptimizer" + ("_Stage3" if stage == 3 else "")
+    return OptimizerPath(stage, accum, wrapper)
+
+
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def model_state_lines(w: Workload) -> list[Line]:
-    """Parameters, gradients and optimizer state per GPU, by ZeRO stage and offload."""
+    """Parameters, gradients and optimizer state per GPU, by the ZeRO stage DeepSpeed runs and
+    offload, and what the optimizer step adds while it runs."""
+    path = optimizer_path(w)
     mixed = w.precision != "fp32"
     p_bytes, g_bytes, o_bytes = (2, 2, 12) if mixed else (4, 4, 8)
-    n, stage = w.world_size, w.zero_stage
+    a_bytes = _BYTES[path.accum]
+    n, stage = w.world_size, path.stage
 
     def share(bytes_per_param: int, partitioned: bool) -> int:
         return (
@@ -162,7 +250,6 @@ def model_state_lines(w: Workload) -> list[Line]:
         return f"{bytes_per_param} B/param" + (f" / {n}" if partitioned else "")
 
     params = share(p_bytes, stage >= 3)
-    grads = share(g_bytes, stage >= 2)
     dtype = w.precision
     lines = [
         Line(
@@ -172,11 +259,32 @@ def model_state_lines(w: Workload) -> list[Line]:
             f"{dtype}, {how(p_bytes, stage >= 3)}" + (", CPU" if w.offload_params else ""),
         )
     ]
-    if w.offload_optimizer and stage >= 2:
-        # ZeRO-Offload reduces into an fp32 gradient partition in host memory for CPU Adam
-        lines.append(Line("gradients", 0, share(4, True), f"fp32, {how(4, True)}, CPU"))
+    if w.offload_optimizer:
+        # CPU Adam reads an fp32 gradient partition kept in host memory, at every stage
+        # (stage_1_and_2.py initialize_optimizer_states keeps it when offloading); ZeRO-1
+        # also keeps whole gradients on the GPU, ZeRO-2 and 3 reduce straight into it
+        on_gpu = share(a_bytes, False) if stage < 2 else 0
+        lines.append(
+            Line(
+                "gradients",
+                on_gpu,
+                share(4, True),
+                (f"{path.accum}, {how(a_bytes, False)}; " if on_gpu else "")
+                + f"fp32, {how(4, True)}, CPU",
+            )
+        )
+    elif path.wrapper == "BF16_Optimizer":
+        # the model's bf16 gradients, and a whole (unpartitioned) fp32 buffer they are added
+        # to after every backward (bf16_optimizer.py: fp32_groups_gradients_flat)
+        lines.append(
+            Line("gradients", share(2 + 4, False), 0, "bf16 2 + fp32 accumulation 4 B/param")
+        )
     else:
-        lines.append(Line("gradients", grads, 0, f"{dtype}, {how(g_bytes, stage >= 2)}"))
+        # in the accumulation dtype: ZeRO-0's .grad; ZeRO-1's .grad or, accumulating in
+        # another dtype, .grad_accum, whole; ZeRO-2's (compact) partition buffer and ZeRO-3's
+        # grad_partitions_flat_buffer, this rank's partition
+        grads = share(a_bytes, stage >= 2)
+        lines.append(Line("gradients", grads, 0, f"{path.accum}, {how(a_bytes, stage >= 2)}"))
     if w.offload_optimizer:
         # CPU Adam updates its own fp32 copy of the partition, in fp32 training too
         cpu = share(12, True)
@@ -193,8 +301,55 @@ def model_state_lines(w: Workload) -> list[Line]:
                 working,
                 0,
                 f"largest module, {w.largest_module / 1e6:,.0f}M params + grads",
+                TRAIN,
             )
         )
+    return lines + step_lines(w, path)
+
+
+def step_lines(w: Workload, path: OptimizerPath) -> list[Line]:
+    """What the optimizer step adds on the GPU while it runs (DeepSpeed 0.19.8 around
+    torch.optim.AdamW, whose foreach step is PyTorch's default on CUDA): fp32 gradients made
+    for the step, and AdamW's sqrt(v) temporary. Nothing on the GPU with an offloaded
+    optimizer: CPU Adam steps the host's fp32 partition in place."""
+    if w.offload_optimizer:
+        return []
+    n, stage = w.world_size, path.stage
+    grads = ""
+    if stage == 0:
+        # a param group at a time, and the weight-decay group holds nearly all parameters
+        stepped, each = w.params, "B/param"
+        if path.wrapper == "FP16_UnfusedOptimizer":
+            # `fp32_param.grad = fp16_param.grad.to(fp32)` for every parameter, then the step
+            grads = "16-bit grads copied to fp32"
+    elif stage == 3:
+        # one sub-group at a time: flatten(its gradient partitions).to(fp32), a new tensor
+        # even in fp32 (stage3.py _prepare_fp32_grad_for_sub_group)
+        stepped = min(math.ceil(w.params / n), ZERO3_SUB_GROUP)
+        capped = stepped == ZERO3_SUB_GROUP
+        each = "B x 1e9 params (a sub-group)" if capped else f"B/param / {n}"
+        grads = "flat fp32 copy of a sub-group's gradient partition"
+    else:
+        stepped, each = math.ceil(w.params / n), f"B/param / {n}"
+        compact = path.accum == "fp32" and w.precision != "fp32"
+        if path.wrapper == "DeepSpeedZeroOptimizer" and not compact:
+            # stage_1_and_2.py step(): flatten(averaged_gradients).to(fp32), a new tensor in
+            # fp32 too (its source is freed before Adam only where nothing else holds it).
+            # Accumulating 16-bit gradients in fp32, the partition is that flat fp32 buffer
+            # already, as in BF16_Optimizer, whose partition is a view of its fp32 buffer.
+            grads = "flat fp32 copy of this rank's gradient partition"
+    lines = []
+    if grads:
+        lines.append(Line("fp32 gradients", 4 * stepped, 0, f"{grads}: 4 {each}", STEP))
+    lines.append(
+        Line(
+            "Adam sqrt(v)",
+            4 * stepped,
+            0,
+            f"AdamW temporary, one per parameter a call updates: 4 {each}",
+            STEP,
+        )
+    )
     return lines
 
 
@@ -202,7 +357,9 @@ def activation_lines(w: Workload) -> list[Line]:
     """Activations (Korthikanti et al. 2022), attention scores and logits per GPU."""
     scale = 1 if w.precision != "fp32" else 2  # the paper counts 16-bit tensors
     b, h, a = w.micro_batch, w.d_model, w.n_heads
+    kv = w.kv_dim or h
     x2 = " (x2 fp32)" if scale == 2 else ""
+    upcast = w.fp32_qkv and w.precision != "fp32"  # an fp32 run saves q, k, v as they are
 
     def body(st: Stack) -> int:  # one layer; cross-attention adds 11sbh + a 2sbh norm
         return st.seq_len * b * h * (34 + (13 if st.cross_keys else 0)) * scale
@@ -211,24 +368,49 @@ def activation_lines(w: Workload) -> list[Line]:
         keys = st.keys_per_query + st.cross_keys
         return round(5 * a * st.seq_len * keys * b) * scale
 
+    def qkv32(st: Stack) -> int:  # one layer's self-attention: 4 B instead of the paper's 2
+        return 2 * st.seq_len * b * (h + 2 * kv) if upcast else 0
+
     if not w.checkpointing:
         act = sum(st.layers * body(st) for st in w.stacks)
         att = sum(st.layers * scores(st) for st in w.stacks)
+        extra = sum(st.layers * qkv32(st) for st in w.stacks)
         act_how = f"34*s*b*h x layers{x2}"
         att_how = f"5*a*s*k*b x layers, {_keys(w.stacks)}{x2}"
+        layers = "x layers"
     else:
         inputs = sum(st.layers * 2 * st.seq_len * b * h * scale for st in w.stacks)
-        full = max(w.stacks, key=lambda st: body(st) + scores(st))  # recomputed, one at a time
-        act, att = inputs + body(full), scores(full)
+        # recomputed in backward, one layer at a time: the largest
+        full = max(w.stacks, key=lambda st: body(st) + scores(st) + qkv32(st))
+        act, att, extra = inputs + body(full), scores(full), qkv32(full)
         act_how = f"2*s*b*h x layers + one layer{x2}"
         att_how = f"one layer, {_keys(w.stacks)}{x2}"
-    logits = w.logits_len * b * w.vocab_size * 4
+        layers = "one layer"
+    logits = w.logits_len * b * w.vocab_size * 12
     lines = [
-        Line("activations", act, 0, act_how),
-        Line("attention scores", att, 0, att_how),
-        Line("logits", logits, 0, "s*b*V, fp32 for the loss"),
-        Line("framework", FRAMEWORK_OVERHEAD, 0, "1 GiB/process: CUDA context etc."),
+        Line("activations", act, 0, act_how, TRAIN),
+        Line("attention scores", att, 0, att_how, TRAIN),
     ]
+    if extra:
+        lines.append(
+            Line(
+                "fp32 q, k, v",
+                extra,
+                0,
+                f"blocksparse saves fp32 copies: +2 B over 16-bit, 2*s*b*(h+2*kv) {layers}",
+                TRAIN,
+            )
+        )
+    lines.append(
+        Line(
+            "logits",
+            logits,
+            0,
+            "s*b*V x 12 B: fp32 log-softmax + its grad + the fp32 logits' grad",
+            TRAIN,
+        )
+    )
+    lines.append(Line("framework", FRAMEWORK_OVERHEAD, 0, "1 GiB/process: CUDA context etc."))
     return lines
 
 
@@ -253,7 +435,8 @@ def estimate(w: Workload) -> list[Line]:
 
 
 def gpu_total(w: Workload) -> int:
-    return sum(line.gpu for line in estimate(w))
+    """The peak GPU bytes of a workload (see `peak`)."""
+    return peak(estimate(w))
 
 
 # --------------------------------------------------------------------------- from a spec
@@ -288,10 +471,59 @@ def _model_sizes(spec: JobSpec) -> tuple[int, int]:
     return params, largest
 
 
+_DTYPES = {
+    "fp32": "fp32",
+    "float32": "fp32",
+    "float": "fp32",
+    "torch.float32": "fp32",
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "torch.bfloat16": "bf16",
+    "fp16": "fp16",
+    "float16": "fp16",
+    "half": "fp16",
+    "torch.float16": "fp16",
+}
+
+
+def _deepspeed_runs(spec: JobSpec) -> tuple[tuple[tuple[int, bool, bool], tuple[int, str]], ...]:
+    """For every ZeRO setting the planner may try on this spec, what DeepSpeed runs: the stage
+    and the gradient accumulation dtype of the config the workers get (deepspeed_config)."""
+    from pipeline.train.deepspeed_config import deepspeed_config
+
+    runs = []
+    for stage, offload_optimizer, offload_params in (
+        (0, False, False),
+        *((s, o, False) for s in (1, 2, 3) for o in (False, True)),
+        (3, False, True),
+        (3, True, True),
+    ):
+        ds = spec.deepspeed.model_copy(
+            update=dict(
+                zero_stage=stage,
+                offload_optimizer=offload_optimizer,
+                offload_params=offload_params,
+            )
+        )
+        config = deepspeed_config(spec.model_copy(update={"deepspeed": ds}))
+        accum = (config.get("data_types") or {}).get("grad_accum_dtype")
+        runs.append(
+            (
+                (stage, offload_optimizer, offload_params),
+                (
+                    int(config["zero_optimization"]["stage"]),
+                    _DTYPES[str(accum).lower()] if accum else spec.training.precision,
+                ),
+            )
+        )
+    return tuple(runs)
+
+
 def workload(spec: JobSpec) -> Workload:
     """The numbers of the estimate, from a validated spec (builds the model on meta)."""
     m, data, t, ds, r = spec.model, spec.data, spec.training, spec.deepspeed, spec.resources
     params, largest = _model_sizes(spec)
+    arch = m.architecture()
     src = data.max_source_len or data.seq_len
     tgt = data.max_target_len or data.seq_len
     if m.family == "decoder":
@@ -323,6 +555,11 @@ def workload(spec: JobSpec) -> Workload:
         global_batch=t.global_batch_size,
         checkpointing=t.activation_checkpointing,
         workers_per_gpu=_workers_per_gpu(r.gpus_per_worker, r.num_workers),
+        kv_dim=arch.kv_heads * arch.head_dim,
+        # blocksparse upcasts 16-bit q, k, v and saves the fp32 copies for its backward; a
+        # learned span attends through its own path, and cross-attention through sdpa
+        fp32_qkv=spec.attention.backend == "blocksparse" and spec.attention.adaptive_span is None,
+        deepspeed_runs=_deepspeed_runs(spec),
     )
 
 
@@ -411,7 +648,11 @@ class Plan:
 
     @property
     def gpu_total(self) -> int:
-        return sum(line.gpu for line in self.lines)
+        """The peak: always-held lines plus the larger of forward/backward and the step."""
+        return peak(self.lines)
+
+    def phase_total(self, phase: str) -> int:
+        return sum(line.gpu for line in self.lines if line.phase == phase)
 
     @property
     def cpu_total(self) -> int:
@@ -446,6 +687,7 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         w = self.workload
+        path = optimizer_path(w)
         return {
             "job": self.job,
             "params": w.params,
@@ -458,6 +700,13 @@ class Plan:
             "workers_per_gpu": w.workers_per_gpu,
             "micro_batch_size": w.micro_batch,
             "activation_checkpointing": w.checkpointing,
+            "kv_dim": w.kv_dim or w.d_model,
+            "fp32_qkv": w.fp32_qkv,
+            "deepspeed": {
+                "stage": path.stage,
+                "grad_accum_dtype": path.accum,
+                "optimizer": path.wrapper,
+            },
             "stacks": [
                 {
                     "name": st.name,
@@ -472,13 +721,16 @@ class Plan:
             "components": [
                 {
                     "component": line.component,
+                    "phase": line.phase,
                     "gpu_bytes": line.gpu,
                     "cpu_bytes": line.cpu,
                     "detail": line.detail,
                 }
                 for line in self.lines
             ],
+            # the peak: always + max(forward/backward, optimizer step)
             "gpu_total_bytes": self.gpu_total,
+            "gpu_phase_bytes": {phase: self.phase_total(phase) for phase in (HELD, TRAIN, STEP)},
             "cpu_total_bytes": self.cpu_total,
             "gpu": None
             if self.gpu is None
@@ -500,7 +752,7 @@ def plan_job(spec: JobSpec, source: str = "<spec>") -> Plan:
     gpu = find_gpu(r.gpu_type, source) if r.gpu_type is not None else None
     w = workload(spec)
     lines = tuple(estimate(w))
-    total = sum(line.gpu for line in lines)
+    total = peak(lines)
     fits = gpu is None or total <= gpu.memory
     found = tuple(suggestions(w, gpu.memory)) if gpu is not None and not fits else ()
     return Plan(spec.job.name, w, lines, gpu, found, _notes(spec, w, lines, gpu))
@@ -523,17 +775,25 @@ def _notes(spec: JobSpec, w: Workload, lines: tuple[Line, ...], gpu: GPU | None)
     if w.world_size == 1 and w.zero_stage > 0:
         notes.append("ZeRO partitions over the workers: with one worker it saves nothing")
     if spec.attention.backend in ("sdpa", "flex", "blocksparse"):
-        scores = sum(line.gpu for line in lines if line.component == "attention scores")
-        without = sum(line.gpu for line in lines) - scores
+        without = peak([line for line in lines if line.component != "attention scores"])
         would_fit = (
             f", which fits on {gpu.name}"
-            if gpu is not None and without <= gpu.memory < without + scores
+            if gpu is not None and without <= gpu.memory < peak(lines)
             else ""
         )
         notes.append(
             f"backend {spec.attention.backend!r} recomputes attention scores in the backward "
             "pass instead of storing them, so the 'attention scores' line is the paper's upper "
             f"bound; without it the total is {human(without)}{would_fit}"
+        )
+    if spec.attention.backend == "blocksparse" and (r.gpu_type is not None or r.gpus_per_worker):
+        qkv = any(line.component == "fp32 q, k, v" for line in lines)
+        notes.append(
+            "backend 'blocksparse' is the CPU path: on CUDA its Python loop launches several "
+            "small kernels per (batch row, head, chunk of query blocks) in every layer, so it "
+            "is slow on GPUs; 'flex' (FlexAttention, compiled) is the training backend on GPUs: "
+            "attention.backend=flex"
+            + (", which also keeps no fp32 copies of q, k, v" if qkv else "")
         )
     return tuple(notes)
 
@@ -561,12 +821,18 @@ def headline(plan: Plan) -> str:
         if on
     )
     sharing = f" ({w.workers_per_gpu} per GPU)" if w.workers_per_gpu > 1 else ""
+    path = optimizer_path(w)
+    runs = f" (DeepSpeed runs stage {path.stage})" if path.stage != w.zero_stage else ""
     return (
-        f"{plan.job}: {w.params:,} params, {w.precision}, ZeRO-{w.zero_stage}"
+        f"{plan.job}: {w.params:,} params, {w.precision}, ZeRO-{w.zero_stage}{runs} "
+        f"with {path.wrapper}"
         f"{' + offload ' + offload if offload else ''}, {w.world_size} "
         f"worker{'s' if w.world_size != 1 else ''}{sharing}, micro batch {w.micro_batch} x "
         f"{lengths} tokens{', activation checkpointing' if w.checkpointing else ''}"
     )
+
+
+_WHEN = {HELD: "always", TRAIN: "fwd/bwd", STEP: "step"}
 
 
 def render(plan: Plan) -> None:
@@ -576,13 +842,17 @@ def render(plan: Plan) -> None:
 
     table = Table()
     table.add_column("component")
+    table.add_column("when")
     table.add_column("per GPU", justify="right")
     table.add_column("CPU", justify="right")
     table.add_column("how")
     for line in plan.lines:
-        table.add_row(line.component, human(line.gpu), human(line.cpu), line.detail)
+        when = _WHEN[line.phase] if line.gpu else ""
+        table.add_row(line.component, when, human(line.gpu), human(line.cpu), line.detail)
     table.add_section()
-    table.add_row("total", human(plan.gpu_total), human(plan.cpu_total), "")
+    held, train, step = (human(plan.phase_total(p)) for p in (HELD, TRAIN, STEP))
+    how = f"peak: always {held} + the larger of fwd/bwd {train} and step {step}"
+    table.add_row("total", "", human(plan.gpu_total), human(plan.cpu_total), how)
     console = Console(highlight=False)
     # plain lines are never wrapped by rich, so they stay greppable
     console.print(headline(plan), soft_wrap=True, markup=False)

@@ -1,22 +1,35 @@
-"""The memory planner: ZeRO and activation formulas against hand-computed numbers, fit
-verdicts for a 7B model, sparse attention, and `attnpipe plan` as a user runs it."""
+"""The memory planner: ZeRO and activation formulas against hand-computed numbers, for the
+optimizer DeepSpeed builds from attnpipe's config; the per-element and per-parameter figures
+measured on this CPU (the loss's logits, blocksparse's fp32 q/k/v, DeepSpeed's optimizer
+step); fit verdicts for a 7B model, sparse attention, and `attnpipe plan` as a user runs it."""
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from models import count_params
 from pipeline.config import load_spec
 from pipeline.plan import (
     FRAMEWORK_OVERHEAD,
     GPUS,
+    HELD,
+    STEP,
+    TRAIN,
     GiB,
+    OptimizerPath,
     PlanError,
     Stack,
     Workload,
@@ -24,8 +37,10 @@ from pipeline.plan import (
     estimate,
     find_gpu,
     gpu_total,
+    headline,
     human,
     model_state_lines,
+    optimizer_path,
     plan_job,
 )
 
@@ -60,67 +75,154 @@ def states(w: Workload) -> dict[str, tuple[int, int]]:
     return {line.component: (line.gpu, line.cpu) for line in model_state_lines(w)}
 
 
+def phases(lines) -> dict[str, str]:
+    return {line.component: line.phase for line in lines}
+
+
 def gpu_bytes(w: Workload) -> int:
-    return sum(gpu for gpu, _ in states(w).values())
+    """The always-held model states (the step's temporaries left out)."""
+    return sum(line.gpu for line in model_state_lines(w) if line.phase == HELD)
+
+
+# bf16 as attnpipe's DeepSpeed config runs it: fp32 gradient accumulation, and stage 0 as 1
+BF16_RUNS = tuple(
+    ((stage, opt, par), (max(stage, 1), "fp32"))
+    for stage, opt, par in [(0, False, False), (1, False, False), (1, True, False)]
+    + [(s, o, False) for s in (2, 3) for o in (False, True)]
+    + [(3, False, True), (3, True, True)]
+)
 
 
 # --------------------------------------------------------------------------- model states
 
 
-def test_zero0_fp32_is_16_bytes_per_param():
+def test_zero0_fp32_is_16_bytes_per_param_and_adams_temporary_at_the_step():
     w = workload(precision="fp32", zero_stage=0)
     assert states(w) == {
         "parameters": (4 * P, 0),
         "gradients": (4 * P, 0),
         "optimizer states": (8 * P, 0),  # Adam m, v; the weights are the fp32 master
+        # torch AdamW (foreach): sqrt(v) of a whole param group; no fp32 copy of the grads
+        "Adam sqrt(v)": (4 * P, 0),
     }
     assert gpu_bytes(w) == 16 * P
+    assert phases(model_state_lines(w))["Adam sqrt(v)"] == STEP
+    assert optimizer_path(w) == OptimizerPath(0, "fp32", "torch AdamW")
 
 
-def test_zero0_mixed_precision_is_16_bytes_per_param_split_2_2_12():
-    assert [g for g, _ in states(workload(zero_stage=0)).values()] == [2 * P, 2 * P, 12 * P]
+def test_fp16_zero0_copies_every_gradient_to_fp32_for_the_step():
+    w = workload(precision="fp16", zero_stage=0)
+    assert optimizer_path(w) == OptimizerPath(0, "fp16", "FP16_UnfusedOptimizer")
+    assert states(w) == {
+        "parameters": (2 * P, 0),
+        "gradients": (2 * P, 0),
+        "optimizer states": (12 * P, 0),
+        "fp32 gradients": (4 * P, 0),  # fp32_param.grad = fp16_param.grad.to(fp32)
+        "Adam sqrt(v)": (4 * P, 0),
+    }
+    assert {c for c, p in phases(model_state_lines(w)).items() if p == STEP} == {
+        "fp32 gradients",
+        "Adam sqrt(v)",
+    }
+
+
+def test_bf16_zero0_runs_bf16_optimizer_with_bf16_and_fp32_gradients():
+    w = workload(zero_stage=0, world_size=8, deepspeed_runs=BF16_RUNS)
+    assert optimizer_path(w) == OptimizerPath(1, "fp32", "BF16_Optimizer")
+    assert states(w) == {
+        "parameters": (2 * P, 0),
+        "gradients": ((2 + 4) * P, 0),  # bf16 grads and a whole fp32 accumulation buffer
+        "optimizer states": (12 * P // 8, 0),  # partitioned, as ZeRO-1
+        "Adam sqrt(v)": (4 * P // 8, 0),  # the fp32 grad partition is a view: no copy
+    }
+    assert states(replace(w, zero_stage=1)) == states(w)
 
 
 def test_zero1_partitions_the_optimizer_states():
-    assert gpu_bytes(workload(zero_stage=1, world_size=4)) == 2 * P + 2 * P + 12 * P // 4
+    w = workload(precision="fp16", zero_stage=1, world_size=4)
+    assert gpu_bytes(w) == 2 * P + 2 * P + 12 * P // 4
+    assert states(w)["fp32 gradients"] == (4 * P // 4, 0)  # flat fp32 copy of the partition
 
 
-def test_zero2_bf16_over_8_is_2_plus_14_over_8_bytes_per_param():
-    assert gpu_bytes(workload(zero_stage=2, world_size=8)) == 2 * P + (2 + 12) * P // 8
+def test_zero2_16_bit_accumulation_over_8_is_2_plus_14_over_8_bytes_per_param():
+    w = workload(zero_stage=2, world_size=8)  # bf16 gradients accumulated in bf16
+    assert gpu_bytes(w) == 2 * P + (2 + 12) * P // 8
+    assert states(w)["fp32 gradients"] == (4 * P // 8, 0)
+    assert states(w)["Adam sqrt(v)"] == (4 * P // 8, 0)
+
+
+def test_zero2_fp32_accumulation_holds_an_fp32_partition_and_copies_nothing():
+    w = workload(zero_stage=2, world_size=8, deepspeed_runs=BF16_RUNS)
+    assert optimizer_path(w) == OptimizerPath(2, "fp32", "DeepSpeedZeroOptimizer")
+    assert states(w) == {
+        "parameters": (2 * P, 0),
+        "gradients": (4 * P // 8, 0),  # the compact fp32 partition buffer
+        "optimizer states": (12 * P // 8, 0),
+        "Adam sqrt(v)": (4 * P // 8, 0),
+    }
+
+
+def test_fp32_zero2_copies_its_gradient_partition_for_the_step_too():
+    w = workload(precision="fp32", zero_stage=2, world_size=8)
+    assert states(w) == {
+        "parameters": (4 * P, 0),
+        "gradients": (4 * P // 8, 0),
+        "optimizer states": (8 * P // 8, 0),  # the master is the model's own partition
+        "fp32 gradients": (4 * P // 8, 0),  # flatten() makes a new tensor, fp32 or not
+        "Adam sqrt(v)": (4 * P // 8, 0),
+    }
 
 
 def test_zero3_partitions_everything_and_gathers_one_module():
-    w = workload(zero_stage=3, world_size=8)
+    w = workload(zero_stage=3, world_size=8, deepspeed_runs=BF16_RUNS)
     s = states(w)
     assert [s[k][0] for k in ("parameters", "gradients", "optimizer states")] == [
         2 * P // 8,
-        2 * P // 8,
+        4 * P // 8,  # fp32 gradient partition
         12 * P // 8,
     ]
     assert s["gathered (ZeRO-3)"] == ((2 + 2) * w.largest_module, 0)
+    assert phases(model_state_lines(w))["gathered (ZeRO-3)"] == TRAIN
+    # flatten(partition).to(fp32) is a new tensor at ZeRO-3, whatever the dtypes
+    assert s["fp32 gradients"] == s["Adam sqrt(v)"] == (4 * P // 8, 0)
+
+
+def test_zero3_steps_sub_groups_of_at_most_a_billion_parameters():
+    big = 20_000_000_000  # 2.5e9 per rank: three sub-groups, stepped one at a time
+    s = states(workload(params=big, zero_stage=3, world_size=8, deepspeed_runs=BF16_RUNS))
+    assert s["fp32 gradients"] == s["Adam sqrt(v)"] == (4 * 1_000_000_000, 0)
+    assert s["optimizer states"] == (12 * big // 8, 0)
 
 
 def test_offload_moves_optimizer_and_gradient_partitions_to_the_cpu():
     s = states(workload(zero_stage=2, world_size=8, offload_optimizer=True))
-    assert s["parameters"] == (2 * P, 0)
-    assert s["gradients"] == (0, 4 * P // 8)  # fp32 partition for CPU Adam
-    assert s["optimizer states"] == (0, 12 * P // 8)
-    # ZeRO-1 keeps its full 16-bit gradients on the GPU
-    assert states(workload(zero_stage=1, offload_optimizer=True))["gradients"] == (2 * P, 0)
+    assert s == {
+        "parameters": (2 * P, 0),
+        "gradients": (0, 4 * P // 8),  # fp32 partition for CPU Adam
+        "optimizer states": (0, 12 * P // 8),
+        # no GPU step temporaries: CPU Adam steps in host memory
+    }
+    # ZeRO-1 keeps its whole gradients on the GPU, and CPU Adam's fp32 partition on the host
+    s1 = states(workload(zero_stage=1, offload_optimizer=True, deepspeed_runs=BF16_RUNS))
+    assert s1["gradients"] == (4 * P, 4 * P // 8)  # .grad_accum in fp32, whole
     both = states(workload(zero_stage=3, offload_optimizer=True, offload_params=True))
     assert both["parameters"] == (0, 2 * P // 8)
 
 
 # --------------------------------------------------------------------------- activations
 
+S, B, H, A, LAYERS, V = 1024, 2, 64, 4, 2, 512  # the workload() decoder
+
 
 def test_activations_follow_korthikanti_et_al():
-    s, b, h, a, layers = 1024, 2, 64, 4, 2
     lines = {line.component: line.gpu for line in activation_lines(workload())}
-    assert lines["activations"] == layers * s * b * h * 34
-    assert lines["attention scores"] == layers * 5 * a * s * s * b
-    assert lines["logits"] == s * b * 512 * 4
+    assert lines["activations"] == LAYERS * S * B * H * 34
+    assert lines["attention scores"] == LAYERS * 5 * A * S * S * B
+    # fp32 log-softmax saved, its gradient, and the fp32 logits' gradient: 12 B per logit
+    assert lines["logits"] == S * B * V * 12
     assert lines["framework"] == FRAMEWORK_OVERHEAD == GiB
+    assert "fp32 q, k, v" not in lines  # sdpa keeps q, k, v in the model's dtype
+    assert set(phases(activation_lines(workload())).values()) == {TRAIN, HELD}
 
     fp32 = {line.component: line.gpu for line in activation_lines(workload(precision="fp32"))}
     assert fp32["activations"] == 2 * lines["activations"]
@@ -128,17 +230,255 @@ def test_activations_follow_korthikanti_et_al():
     assert fp32["logits"] == lines["logits"]  # the loss is fp32 either way
 
 
+def test_blocksparse_keeps_fp32_copies_of_q_k_v():
+    lines = {line.component: line.gpu for line in activation_lines(workload(fp32_qkv=True))}
+    # per layer: q (s*b*h), k and v (s*b*kv each) at 4 B instead of the paper's 2
+    assert lines["fp32 q, k, v"] == LAYERS * 2 * S * B * (H + 2 * H)
+    gqa = {
+        line.component: line.gpu
+        for line in activation_lines(workload(fp32_qkv=True, kv_dim=16))  # 1 kv head of 16
+    }
+    assert gqa["fp32 q, k, v"] == LAYERS * 2 * S * B * (64 + 2 * 16)
+    fp32 = activation_lines(workload(fp32_qkv=True, precision="fp32"))
+    assert "fp32 q, k, v" not in {line.component for line in fp32}  # nothing upcast
+    one = {
+        line.component: line.gpu
+        for line in activation_lines(workload(fp32_qkv=True, checkpointing=True))
+    }
+    assert one["fp32 q, k, v"] == 2 * S * B * (H + 2 * H)  # the layer being recomputed
+
+
 def test_checkpointing_keeps_layer_inputs_and_one_full_layer():
-    s, b, h, a, layers = 1024, 2, 64, 4, 2
     lines = {line.component: line.gpu for line in activation_lines(workload(checkpointing=True))}
-    assert lines["activations"] == layers * 2 * s * b * h + 34 * s * b * h
-    assert lines["attention scores"] == 5 * a * s * s * b
+    assert lines["activations"] == LAYERS * 2 * S * B * H + 34 * S * B * H
+    assert lines["attention scores"] == 5 * A * S * S * B
+
+
+def test_the_peak_is_what_is_held_plus_the_larger_phase():
+    # bf16 ZeRO-2 over 8 with bf16 accumulation: activations outweigh the step
+    w = workload(zero_stage=2, world_size=8)
+    held = 2 * P + 2 * P // 8 + 12 * P // 8 + GiB
+    train = LAYERS * S * B * H * 34 + LAYERS * 5 * A * S * S * B + S * B * V * 12
+    assert gpu_total(w) == held + train
+    # fp16 ZeRO-0 of a 1e9-parameter model with one short sequence: the step outweighs them
+    big = workload(
+        params=10**9,
+        precision="fp16",
+        zero_stage=0,
+        micro_batch=1,
+        stacks=(Stack("decoder", 2, 64, 64.0),),
+        logits_len=64,
+    )
+    held = (2 + 2 + 12) * 10**9 + GiB
+    step = (4 + 4) * 10**9  # fp32 gradients + AdamW's sqrt(v)
+    assert gpu_total(big) == held + step
 
 
 def test_workers_sharing_a_gpu_add_up():
     one, two = workload(), workload(workers_per_gpu=2)
     assert gpu_total(two) == 2 * gpu_total(one)
-    assert sum(line.gpu for line in estimate(one)) == gpu_total(one)
+    assert [line.gpu for line in estimate(two)] == [2 * line.gpu for line in estimate(one)]
+
+
+# --------------------------------------------------------------------------- measured
+# The planner's per-element and per-parameter figures, measured on this CPU: a dispatch mode
+# counts the bytes of every tensor made inside it from the op that makes it until the last
+# tensor on its storage dies, which is what a CUDA caching allocator hands out too.
+
+
+class LiveBytes(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: dict[int, list[int]] = {}  # storage address -> [tensors alive, bytes]
+        self.live = self.peak = 0
+
+    def _free(self, key: int) -> None:
+        entry = self.refs[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self.refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            a.untyped_storage().data_ptr()
+            for a in tree_flatten((args, kwargs))[0]
+            if isinstance(a, torch.Tensor)
+        }
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or not t.untyped_storage().nbytes():
+                continue
+            key = t.untyped_storage().data_ptr()
+            if key in inputs and key not in self.refs:
+                continue  # in place on, or a view of, a tensor made before the mode
+            if key in self.refs:
+                self.refs[key][0] += 1
+            else:
+                self.refs[key] = [1, t.untyped_storage().nbytes()]
+                self.live += self.refs[key][1]
+                self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._free, key)
+        return out
+
+    def settle(self) -> int:
+        """Live bytes now, with the peak restarted from here."""
+        gc.collect()
+        self.peak = self.live
+        return self.live
+
+
+class Logits(torch.nn.Module):
+    """Just an embedding and an output layer: what remains is the loss on the logits."""
+
+    def __init__(self, vocab: int, width: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, width, dtype=dtype)
+        self.head = torch.nn.Linear(width, vocab, bias=False, dtype=dtype)
+
+    def forward(self, ids, **_):
+        return self.head(self.emb(ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_logits_peak_at_12_bytes_each_at_the_start_of_backward(dtype):
+    from pipeline.train.objectives import Objective
+
+    b, s, vocab = 2, 256, 2048
+    model = Logits(vocab, 16, dtype)
+    batch = np.stack([np.random.randint(0, vocab, (b, s + 1)), np.ones((b, s + 1))], axis=1)
+    objective = Objective("decoder", special_ids={}, document_masking=False)
+    with LiveBytes() as mode:
+        loss, _ = objective.loss(model, batch.astype(np.uint32))
+        held = mode.settle()
+        loss.backward()
+    logits = b * s * vocab
+    # the fp32 log-softmax (4 B) stays for backward, which adds its gradient and the fp32
+    # logits' gradient (4 + 4) before freeing anything: 12 B per logit, in either dtype
+    assert round(held / logits, 1) == 4.0
+    assert round(mode.peak / logits, 1) == 12.0
+
+
+def attention_bytes(backend: str, kv_heads: int, s: int = 512, b: int = 2) -> int:
+    """Bytes one more bf16 self-attention layer (d_model 128, 4 heads) keeps for backward."""
+    from models.attention import make_backend, make_pattern
+    from models.attention.backends import BatchGeometry
+    from models.config import ModelConfig
+    from models.layers import Attention, AttentionBatch
+
+    cfg = ModelConfig(d_model=128, n_heads=4, n_kv_heads=kv_heads, dropout=0.0)
+    layer = Attention(cfg, make_backend(backend, make_pattern("dense", causal=True), 64))
+    layer = layer.to(torch.bfloat16)
+    x = torch.randn(b, s, 128, dtype=torch.bfloat16, requires_grad=True)
+    geo = BatchGeometry(q_len=s, kv_len=s, device=x.device)
+    batch = AttentionBatch(geo, layer.backend.prepare(geo, x.dtype))
+    layer(x, batch)  # what is built once per length and reused is not the layer's
+    with LiveBytes() as mode:
+        first = layer(x, batch)
+        before = mode.settle()
+        second = layer(first, batch)  # as the next layer of a stack: what one more layer adds
+        held = mode.settle()
+        del first, second
+    return held - before
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_blocksparse_saves_fp32_q_k_v_for_its_backward(kv_heads):
+    s, b, h = 512, 2, 128
+    kv = kv_heads * 32
+    # its output (the next layer's input) and the output projection's input in bf16, and
+    # fp32 q, k, v: no 16-bit copies of q, k, v and no attention output are kept
+    assert attention_bytes("blocksparse", kv_heads) == 2 * 2 * s * b * h + 4 * s * b * (h + 2 * kv)
+
+
+# (precision, deepspeed.zero_stage): DeepSpeed's CPU accelerator has no fp16
+STEP_RUNS = [("bf16", 0), ("bf16", 2), ("bf16", 3), ("fp32", 0), ("fp32", 2)]
+
+
+def _step_bytes(rank: int, port: int, out: str) -> None:
+    """Each run's optimizer step, measured: its peak over what it held before it began."""
+    import deepspeed
+
+    from pipeline.train.deepspeed_config import deepspeed_config
+    from pipeline.train.ops import init_loopback_group
+    from pipeline.train.zero import share_master_weights
+
+    init_loopback_group(rank, 1, port)
+    torch.set_num_threads(1)
+    results = {}
+    for precision, stage in STEP_RUNS:
+        spec = tiny_spec(precision, stage)
+        config = deepspeed_config(spec, world_size=1)
+        config["optimizer"]["params"]["foreach"] = True  # PyTorch's default on CUDA
+        # every engine.step() an optimizer step (no micro-batch accumulation boundary)
+        config["gradient_accumulation_steps"] = 1
+        config["train_batch_size"] = config["train_micro_batch_size_per_gpu"]
+        config["zero_optimization"]["reduce_bucket_size"] = 2**20  # small buffers on a CPU
+        torch.manual_seed(0)
+        # one weight-decay group, as a real model's nearly whole first group
+        model = torch.nn.Sequential(*(torch.nn.Linear(256, 256, bias=False) for _ in range(8)))
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=config
+        )
+        share_master_weights(engine.optimizer)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        for _ in range(2):  # the first step creates Adam's m and v
+            # counted from before backward, so that what the step frees of it counts too
+            with LiveBytes() as mode:
+                engine.backward(engine(torch.randn(4, 256, dtype=dtype)).float().sum())
+                before = mode.settle()
+                engine.step()
+        results[f"{precision}-{stage}"] = {
+            "step": mode.peak - before,
+            "params": sum(p.numel() for p in model.parameters()),
+            "optimizer": type(engine.optimizer).__name__,
+        }
+        del engine
+    Path(out).write_text(json.dumps(results))
+    torch.distributed.destroy_process_group()
+
+
+def tiny_spec(precision: str, stage: int):
+    return load_spec(
+        ROOT / "jobs/decoder-tiny.yaml",
+        [f"training.precision={precision}", f"deepspeed.zero_stage={stage}"],
+    )
+
+
+@pytest.fixture(scope="module")
+def step_bytes(tmp_path_factory):
+    from pipeline.run import free_port
+
+    out = tmp_path_factory.mktemp("step") / "step.json"
+    mp.spawn(_step_bytes, args=(free_port(), str(out)), nprocs=1, join=True)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("run", STEP_RUNS, ids=[f"{p}-zero{s}" for p, s in STEP_RUNS])
+def test_the_steps_temporaries_are_what_deepspeed_makes(step_bytes, run):
+    precision, stage = run
+    measured = step_bytes[f"{precision}-{stage}"]
+    w = workload(
+        params=measured["params"],
+        precision=precision,
+        zero_stage=stage,
+        world_size=1,
+        deepspeed_runs=plan_job(tiny_spec(precision, stage)).workload.deepspeed_runs,
+    )
+    built = {"AdamW": "torch AdamW"}.get(measured["optimizer"], measured["optimizer"])
+    assert optimizer_path(w).wrapper == built
+    planned = sum(line.gpu for line in model_state_lines(w) if line.phase == STEP)
+    # by hand, bytes per parameter of one rank: AdamW's sqrt(v) 4, plus a flat fp32 copy of
+    # the gradients where the optimizer makes one (ZeRO-3; ZeRO-1/2 in fp32)
+    per_param = {"bf16-3": 8, "fp32-2": 8}.get(f"{precision}-{stage}", 4)
+    assert planned == per_param * measured["params"]
+    measured_step, params = measured["step"], measured["params"]
+    if (precision, stage) == ("fp32", 2):
+        # an upper bound: the step frees gradient views as it goes, and how much of the
+        # partition that releases before Adam runs depends on DeepSpeed's buckets
+        assert planned - 4 * params <= measured_step <= planned
+    else:
+        assert abs(measured_step - planned) < 1024  # norms and scales beside
 
 
 # --------------------------------------------------------------------------- from a spec
@@ -168,27 +508,124 @@ def test_params_are_counted_on_the_built_model():
     assert plan.workload.params > count_params(spec.model.architecture())
 
 
+LLAMA_P = 6_738_415_616
+LLAMA_EMBEDDING = 32_000 * 4096  # the largest module: the embedding (or the untied head)
+
+
 def test_llama_7b_fits_with_zero3_over_8_workers():
     plan = plan_job(llama("deepspeed.zero_stage=3", "resources.num_workers=8"))
-    assert plan.workload.params == 6_738_415_616
+    assert plan.workload.params == LLAMA_P and plan.workload.largest_module == LLAMA_EMBEDDING
     assert plan.fits is True
     assert plan.verdict().startswith("fits on H100-80GB: ")
-    assert plan.gpu_total == sum(line.gpu for line in plan.lines)
+    # by hand: bf16 ZeRO-3 over 8 accumulating in fp32, s=2048, b=1, h=4096, a=32, 32 layers
+    s, h, a, layers, vocab, part = 2048, 4096, 32, 32, 32_000, LLAMA_P // 8
+    held = (2 + 4 + 12) * part + GiB  # params, fp32 grads, fp32 master + m + v; framework
+    train = (
+        (2 + 2) * LLAMA_EMBEDDING  # the gathered module and its gradient
+        + layers * 34 * s * h  # activations
+        + layers * 5 * a * s * s  # attention scores
+        + s * vocab * 12  # logits
+    )
+    step = (4 + 4) * part  # a flat fp32 gradient copy and AdamW's sqrt(v), one sub-group
+    assert part < 10**9 and train > step
+    assert plan.gpu_total == held + train
 
 
 def test_llama_7b_does_not_fit_with_zero0_on_one_worker_and_suggestions_fit():
     plan = plan_job(llama("deepspeed.zero_stage=0", "resources.num_workers=1"))
     assert plan.fits is False
-    states = sum(line.gpu for line in plan.lines[:3])
-    assert states == 16 * 6_738_415_616  # 2 + 2 + 12 bytes per parameter, nothing partitioned
+    # bf16 at stage 0 runs as stage 1 (fp32 accumulation): BF16_Optimizer holds the bf16
+    # gradients and an fp32 copy, 2 + (2 + 4) + 12 bytes per parameter over one rank
+    lines = {line.component: line.gpu for line in plan.lines}
+    assert lines["parameters"] + lines["gradients"] + lines["optimizer states"] == 20 * LLAMA_P
+    assert lines["Adam sqrt(v)"] == 4 * LLAMA_P and "fp32 gradients" not in lines
+    assert "ZeRO-0 (DeepSpeed runs stage 1) with BF16_Optimizer" in headline(plan)
     assert plan.verdict().startswith("does NOT fit on H100-80GB: needs ")
     assert plan.suggestions
     for s in plan.suggestions:  # each suggestion was checked by re-running the estimate
         assert s.gpu_total <= GPUS["H100-80GB"].memory
         fixed = plan_job(llama("deepspeed.zero_stage=0", "resources.num_workers=1", *s.overrides))
         assert fixed.fits and fixed.gpu_total == s.gpu_total
-    # one worker: ZeRO partitions nothing, so raising the stage alone is never suggested
+    # one worker: ZeRO partitions nothing, and stage 3 alone saves only the bf16 gradients
     assert ("deepspeed.zero_stage=3",) not in [s.overrides for s in plan.suggestions]
+
+
+# what attnpipe's DeepSpeed config makes DeepSpeed 0.19.8 build (tests/test_gpu_path.py
+# builds the bf16 and fp32 ones for real): (precision, zero_stage) -> the path
+PATHS = {
+    ("fp32", 0): OptimizerPath(0, "fp32", "torch AdamW"),
+    ("fp32", 2): OptimizerPath(2, "fp32", "DeepSpeedZeroOptimizer"),
+    ("fp16", 0): OptimizerPath(0, "fp16", "FP16_UnfusedOptimizer"),
+    ("fp16", 1): OptimizerPath(1, "fp16", "DeepSpeedZeroOptimizer"),
+    ("bf16", 0): OptimizerPath(1, "fp32", "BF16_Optimizer"),  # bf16 runs stage 0 as 1
+    ("bf16", 1): OptimizerPath(1, "fp32", "BF16_Optimizer"),
+    ("bf16", 2): OptimizerPath(2, "fp32", "DeepSpeedZeroOptimizer"),
+    ("bf16", 3): OptimizerPath(3, "fp32", "DeepSpeedZeroOptimizer_Stage3"),
+}
+
+
+@pytest.mark.parametrize("precision,stage", sorted(PATHS))
+def test_a_spec_is_planned_with_the_optimizer_deepspeed_builds_from_its_config(precision, stage):
+    spec = load_spec(
+        ROOT / "jobs/decoder-tiny.yaml",
+        [f"training.precision={precision}", f"deepspeed.zero_stage={stage}"],
+    )
+    assert optimizer_path(plan_job(spec).workload) == PATHS[precision, stage]
+
+
+def test_bf16_offload_at_stage_1_is_zero_1_not_bf16_optimizer():
+    spec = load_spec(
+        ROOT / "jobs/decoder-tiny.yaml",
+        ["training.precision=bf16", "deepspeed.zero_stage=1", "deepspeed.offload_optimizer=true"],
+    )
+    # DeepSpeed's BF16_Optimizer is for stage 1 without offload (engine.py)
+    assert optimizer_path(plan_job(spec).workload).wrapper == "DeepSpeedZeroOptimizer"
+
+
+GPU_NOTE = "'flex' (FlexAttention, compiled) is the training backend on GPUs"
+
+
+def test_blocksparse_for_a_gpu_says_flex_is_the_gpu_backend():
+    gpu = plan_job(
+        load_spec(
+            ROOT / "jobs/decoder-sparse-tiny.yaml",
+            ["resources.gpus_per_worker=1", "training.precision=bf16"],
+        )
+    )
+    (note,) = [n for n in gpu.notes if GPU_NOTE in n]
+    assert "backend 'blocksparse'" in note and "small kernels per (batch row, head" in note
+    assert "attention.backend=flex" in note and "no fp32 copies of q, k, v" in note
+    named = plan_job(
+        load_spec(ROOT / "jobs/decoder-sparse-tiny.yaml", ["resources.gpu_type=A100-80GB"])
+    )
+    assert any(GPU_NOTE in n for n in named.notes)  # a GPU named is a GPU target too
+    # a CPU run (no GPUs, no GPU type) is blocksparse's home: nothing to say
+    cpu = plan_job(load_spec(ROOT / "jobs/decoder-sparse-tiny.yaml"))
+    assert not any(GPU_NOTE in n for n in cpu.notes)
+    flex = plan_job(
+        load_spec(
+            ROOT / "jobs/decoder-sparse-tiny.yaml",
+            ["resources.gpus_per_worker=1", "attention.backend=flex"],
+        )
+    )
+    assert not any(GPU_NOTE in n for n in flex.notes)
+
+
+def test_blocksparse_in_bf16_plans_its_fp32_q_k_v():
+    spec = load_spec(
+        ROOT / "jobs/decoder-sparse-tiny.yaml",
+        ["training.precision=bf16", "resources.gpus_per_worker=1"],
+    )
+    plan = plan_job(spec)
+    m = spec.model.architecture()
+    s, b = spec.data.seq_len, spec.training.micro_batch_size
+    lines = {line.component: line.gpu for line in plan.lines}
+    assert m.kv_heads * m.head_dim == m.d_model
+    assert lines["fp32 q, k, v"] == m.n_layers * 2 * s * b * (m.d_model + 2 * m.d_model)
+    flex = plan_job(
+        spec.model_copy(update={"attention": spec.attention.model_copy(update={"backend": "flex"})})
+    )
+    assert "fp32 q, k, v" not in {line.component for line in flex.lines}
 
 
 def test_sparse_attention_stores_fewer_scores_than_dense():
@@ -278,6 +715,21 @@ def test_cli_plan_json_has_every_number():
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["params"] == 124_439_808 and plan["world_size"] == 8
-    assert plan["gpu_total_bytes"] == sum(c["gpu_bytes"] for c in plan["components"])
+    assert plan["deepspeed"] == {
+        "stage": 2,
+        "grad_accum_dtype": "fp32",
+        "optimizer": "DeepSpeedZeroOptimizer",
+    }
+    # by hand: GPT-2 small, bf16 ZeRO-2 over 8 accumulating in fp32, micro batch 16 x 1,024
+    p, s, b, h, a, layers, vocab = 124_439_808, 1024, 16, 768, 12, 12, 50257
+    held = 2 * p + (4 + 12) * p // 8 + GiB
+    train = layers * 34 * s * b * h + layers * 5 * a * s * s * b + s * b * vocab * 12
+    step = 4 * p // 8  # AdamW's sqrt(v); the fp32 gradient partition exists already
+    assert plan["gpu_phase_bytes"] == {
+        "always": held,
+        "forward/backward": train,
+        "optimizer step": step,
+    }
+    assert plan["gpu_total_bytes"] == held + train
     assert plan["gpu"]["name"] == "H100-80GB" and plan["fits"] is True
     assert 0 < plan["utilization"] < 1
