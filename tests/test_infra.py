@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
+import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -136,6 +138,31 @@ def test_ray_config_has_gpu_workers_shared_storage_and_the_training_image(path):
         "mount -t nfs" in c and "/mnt/attnpipe" in c for c in config["initialization_commands"]
     )
     assert config["docker"]["image"].endswith("/attnpipe-train:0.1.0")
+
+
+SSM_AMI = (
+    "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
+)
+
+
+def test_aws_nodes_boot_one_pinned_gpu_ami_not_rays_latest_dlami():
+    path = INFRA / "ray" / "aws-gpu.yaml"
+    config = yaml.safe_load(path.read_text())
+    images = {t["node_config"]["ImageId"] for t in config["available_node_types"].values()}
+    (image,) = images  # every node the same AMI, so the same NVIDIA driver
+    assert re.fullmatch(r"ami-[0-9a-f]{17}", image), image
+    # Ray 2.60 swaps `latest_dlami` (or no ImageId) for its fixed Ubuntu 18.04 Deep Learning
+    # AMI of the region; a pinned id goes to EC2 as written
+    from ray.autoscaler._private.aws.config import DEFAULT_AMI, _check_ami
+
+    checked = json.loads(json.dumps(config))
+    _check_ami(checked)
+    assert checked["available_node_types"] == config["available_node_types"]
+    assert image not in DEFAULT_AMI.values()
+    # the config and the guide say how to resolve the current id
+    assert SSM_AMI in path.read_text() and SSM_AMI in GUIDE
+    table = GUIDE.split("| placeholder | where | what |", 1)[1].split("\n\n", 1)[0]
+    assert f"`{image}`" in table
 
 
 # --------------------------------------------------------------------------- Kubernetes
@@ -685,6 +712,51 @@ def test_training_image_is_cuda_with_attnpipe_installed():
                 assert (ROOT / source).exists(), source
     ignored = (INFRA / "docker" / "Dockerfile.dockerignore").read_text().split()
     assert {".git", ".venv", ".env", "attnpipe-work"} <= set(ignored)
+
+
+def deepspeed_install(steps: list[tuple[str, str]]) -> str:
+    (run,) = [args for word, args in steps if word == "RUN" and '"deepspeed==' in args]
+    return run
+
+
+def test_training_image_builds_cpu_adam_ahead_for_any_x86_node():
+    steps = instructions(INFRA / "docker" / "Dockerfile")
+    run = deepspeed_install(steps)
+    install = run.split("&&")[0]
+    # compiled at install time, for the accelerator the nodes run (a GPU is not visible to
+    # `docker build`, and DeepSpeed JIT-builds an op recorded for another accelerator again)
+    for setting in ("DS_BUILD_CPU_ADAM=1", "DS_ACCELERATOR=cuda", "CXX=portable-cxx"):
+        assert setting in install.split(), setting
+    assert "pip install --no-build-isolation" in install
+    # and the build fails unless the op is in the image
+    assert "installed_ops['cpu_adam']" in run and "deepspeed.ops.adam.cpu_adam_op" in run
+    copies = [args.split() for word, args in steps if word == "COPY"]
+    assert ["--chmod=0755", "infra/docker/portable-cxx", "/usr/local/bin/portable-cxx"] in copies
+    (base,) = [args for word, args in steps if word == "FROM"]
+    assert "-devel-" in base  # nvcc and the CUDA headers for DeepSpeed's CUDA ops
+    assert any("ninja-build" in args for word, args in steps if word == "RUN")
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_portable_cxx_compiles_for_avx2_whatever_the_build_machine():
+    wrapper = INFRA / "docker" / "portable-cxx"
+    # the flags DeepSpeed's CPU op builder passes on an AVX-512 build machine
+    result = subprocess.run(
+        [str(wrapper), "-march=native", "-D__AVX512__", "-dM", "-E", "-x", "c++", "-"],
+        input="",
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    macros = set(re.findall(r"#define (\w+)", result.stdout))
+    assert {"__AVX2__", "__FMA__", "__AVX256__"} <= macros
+    assert not macros & {"__AVX512F__", "__AVX512__"}
+
+
+def test_guide_says_what_multi_node_nccl_lacks_without_efa_or_tcpx():
+    for text in (GUIDE, (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")):
+        for needed in ("aws-ofi-nccl", "EFA", "TCPX", "NCCL_DEBUG=INFO", "NET/Socket"):
+            assert needed in text, needed
 
 
 # --------------------------------------------------------------------------- the guide
