@@ -287,8 +287,8 @@ def test_blocksparse_plans_are_built_once_per_length():
     )
     for length in (64, 80, 96, 112, 128):  # the cache keeps the last few lengths only
         backend.prepare(BatchGeometry(q_len=length, kv_len=length), torch.float32)
-    assert len(backend._plans) == backend.PLAN_CACHE
-    assert pickle.loads(pickle.dumps(backend))._plans == {}
+    assert len(backend._by_length) == backend.LENGTH_CACHE
+    assert pickle.loads(pickle.dumps(backend))._by_length == {}
 
 
 @pytest.mark.parametrize(

@@ -87,7 +87,10 @@ class Backend(ABC):
     supports_alibi: ClassVar[bool] = True
     supports_dropout: ClassVar[bool] = True
 
+    LENGTH_CACHE: ClassVar[int] = 4  # per-length state kept, by length and device
+
     def __init__(self, pattern: Pattern, block_size: int = 64) -> None:
+        self._by_length: dict[tuple[int, str], Any] = {}
         if not self.supports(pattern):
             raise AttentionSpecError(
                 f"attention pattern {pattern.name!r} is not supported by backend {self.name!r}"
@@ -108,6 +111,19 @@ class Backend(ABC):
     @abstractmethod
     def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: Any, dropout_p: float) -> Tensor:
         """q (B, H, Lq, D), k and v (B, Hkv, Lk, D) -> (B, H, Lq, D)."""
+
+    def by_length(self, seq_len: int, device: torch.device | None, build: Any) -> Any:
+        """`build()`'s result for sequences of `seq_len` on `device`, built once: what
+        depends on the length alone (the newest LENGTH_CACHE lengths are kept)."""
+        key = (seq_len, str(device))
+        if key not in self._by_length:
+            if len(self._by_length) >= self.LENGTH_CACHE:
+                self._by_length.pop(next(iter(self._by_length)))
+            self._by_length[key] = build()
+        return self._by_length[key]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_by_length": {}}  # a pickled model carries no masks
 
     def probs(self, q: Tensor, k: Tensor, geo: BatchGeometry) -> Tensor:
         """(B, H, Lq, Lk) attention probabilities, materialised: for attention maps."""
@@ -221,14 +237,6 @@ class BlockSparseBackend(Backend):
     name: ClassVar[str] = "blocksparse"
     supports_alibi: ClassVar[bool] = False
     supports_dropout: ClassVar[bool] = False
-    PLAN_CACHE: ClassVar[int] = 4  # plans kept per backend, by length and device
-
-    def __init__(self, pattern: Pattern, block_size: int = 64) -> None:
-        super().__init__(pattern, block_size)
-        self._plans: dict[tuple[int, str], BlockSparsePlan] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_plans": {}}  # a pickled model carries no plans
 
     @classmethod
     def supports(cls, pattern: Pattern) -> bool:
@@ -248,12 +256,11 @@ class BlockSparseBackend(Backend):
             )
         # Without documents or padding the plan depends on the length alone: built once, not
         # every step (about 0.1 s at 16K tokens).
-        key = (geo.q_len, str(geo.device))
-        if key not in self._plans:
-            if len(self._plans) >= self.PLAN_CACHE:
-                self._plans.pop(next(iter(self._plans)))
-            self._plans[key] = build_plan(self.pattern, geo.q_len, self.block_size, geo.device)
-        return self._plans[key]
+        return self.by_length(
+            geo.q_len,
+            geo.device,
+            lambda: build_plan(self.pattern, geo.q_len, self.block_size, geo.device),
+        )
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: Any, dropout_p: float) -> Tensor:
         if isinstance(prepared, BlockSparsePlan):
@@ -288,26 +295,15 @@ class FlexBackend(Backend):
     name: ClassVar[str] = "flex"
     supports_alibi: ClassVar[bool] = False
     supports_dropout: ClassVar[bool] = False
-    LAYOUT_CACHE: ClassVar[int] = 4  # lengths kept per backend, by length and device
-
-    def __init__(self, pattern: Pattern, block_size: int = 64) -> None:
-        super().__init__(pattern, block_size)
-        self._layouts: dict[tuple[int, str], FlexLayout] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_layouts": {}}  # a pickled model carries no masks
 
     @classmethod
     def supports(cls, pattern: Pattern) -> bool:
         return True
 
     def layout(self, seq_len: int, device: torch.device | None) -> FlexLayout:
-        key = (seq_len, str(device))
-        if key not in self._layouts:
-            if len(self._layouts) >= self.LAYOUT_CACHE:
-                self._layouts.pop(next(iter(self._layouts)))
-            self._layouts[key] = FlexLayout.build(self.pattern, seq_len, device)
-        return self._layouts[key]
+        return self.by_length(
+            seq_len, device, lambda: FlexLayout.build(self.pattern, seq_len, device)
+        )
 
     def prepare(self, geo: BatchGeometry, dtype: torch.dtype) -> Any:
         if not geo.is_aligned:  # decoding with a KV cache: exact dense fallback, as blocksparse
