@@ -177,6 +177,11 @@ def test_every_collective_of_the_worker_takes_tensors_on_its_device(gpu_path_run
     assert gpu_path_runs["calls"].count("all_reduce") >= 2 * len(RUNS)
     for r in runs.values():
         assert r["metrics"]["train/loss"] > 0 and r["metrics"]["val/loss"] > 0
+    # every stage logs a gradient norm, ZeRO-0's plain torch optimizer included; bf16 and fp32
+    # see nearly the same gradients
+    norms = {k: r["metrics"]["train/grad_norm"] for k, r in runs.items()}
+    assert all(n > 0 for n in norms.values()), norms
+    assert abs(norms["fp32", 0] - norms["bf16", 2]) < 0.01 * norms["fp32", 0], norms
 
 
 def test_bf16_runs_deepspeeds_fp32_accumulating_optimizers(gpu_path_runs):

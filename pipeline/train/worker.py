@@ -140,6 +140,10 @@ class Worker:
             # flat buffer, average it over one rank and copy it back, for nothing
             self.engine.enable_backward_allreduce = False
         self.accum = self.engine.gradient_accumulation_steps()
+        # ZeRO-0 in fp32 steps the plain torch optimizer, which keeps no gradient norm
+        # (DeepSpeed's own optimizer wrappers do, and derive from no torch class)
+        self.own_grad_norm = isinstance(self.engine.optimizer, torch.optim.Optimizer)
+        self.grad_norm: torch.Tensor | None = None
         self.reader = ShardReader(
             self.data_dir, "train", seed=t.seed, rank=self.rank, world_size=self.world
         )
@@ -199,7 +203,9 @@ class Worker:
                 capacity=self.spec.tracking.buffer_size,
             )
         t = self.spec.training
-        losses: list[float] = []
+        if step == 0:  # the maps before training: the MLflow image cards open at step 0
+            self.heatmaps(0)
+        losses: list[torch.Tensor] = []
         window_start, window_steps = time.perf_counter(), 0
         try:
             while step < t.steps:
@@ -241,6 +247,12 @@ class Worker:
                 coef = self.spec.attention.adaptive_span.loss_coefficient  # type: ignore[union-attr]
                 loss = loss + coef * sum(m.penalty() for m in self.spans)
             self.engine.backward(loss)
+            if micro == self.accum - 1 and self.own_grad_norm:
+                # the gradients are whole and reduced here, before the step clips and clears
+                # them: DeepSpeed keeps a norm only where its own optimizer wraps the step
+                self.grad_norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+                )
             self.engine.step()
             total += loss.detach().float()
         for m in self.spans:
@@ -270,7 +282,7 @@ class Worker:
             "train/step_time_s": step_seconds,
             "train/tokens_per_s": tokens_per_s,
         }
-        norm = self.engine.get_global_grad_norm()
+        norm = self.grad_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
         if norm is not None:
             out["train/grad_norm"] = float(norm)
         if self.peak is not None:  # rank 0
