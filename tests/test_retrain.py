@@ -117,7 +117,22 @@ def test_compare_job_trains_variants_and_crowns_the_best(ray_cluster, tmp_path):
     assert list(probes) == ["dense", "window", "window (window only)"]
     assert probes["window (window only)"]["pattern"] == "sliding_window"
     assert probes["window (window only)"]["reach"] == 2 * 3  # 2 layers x (window - 1)
-    metrics = client.get_run(result["parent_run_id"]).data.metrics
+    parent = client.get_run(result["parent_run_id"])
+    stages = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert parent.info.run_name == "cmp"  # the job; under it, its stages by name
+    assert sorted(r.info.run_name for r in stages) == [
+        "cmp-dense-train",
+        "cmp-preprocess",
+        "cmp-window-train",
+    ]
+    for run in (parent, *stages):
+        assert run.data.tags["mlflow.source.name"] == "attnpipe"
+        assert "mlflow.source.git.commit" in run.data.tags
+    trained = [r for r in stages if r.data.tags["attnpipe.stage"] == "train"]
+    assert all(r.data.params["training.steps"] == "6" for r in trained)
+    metrics = parent.data.metrics
     for name in ("dense", "window", "window-window-only"):
         for distance in (3, 20):
             assert 0.0 <= metrics[f"probe/{name}/accuracy_d{distance}"] <= 1.0

@@ -2,9 +2,41 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.config import JobSpec
+
+# MLflow 3 shows an experiment either as a GenAI app (traces, "Overview") or as model
+# training (runs, models). The experiment says which in this tag; the values are the UI's
+# (mlflow/server/js: "custom_model_development", "genai_development", ...).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT = "custom_model_development"
+# The MLflow 3.17 UI ignores that tag while its GenAI / Model training switch is on (it is,
+# in the released build): a page's view comes from this query parameter, else from the
+# switch's last position in the browser's storage, GenAI by default. So every link attnpipe
+# prints carries it.
+UI_VIEW = "workflowType=machine_learning"
+# Run params: the hyperparameters that tell runs apart, a line or two of text. MLflow (3.12
+# and later) prints every run param above every image of an image chart, so a run with the
+# whole spec as params hides its attention heatmaps under ~100 `key=value` pairs. The whole
+# resolved spec goes with the run as `spec.yaml`.
+HEADLINE_PARAMS = (
+    "attention.pattern",
+    "model.d_model",
+    "model.n_layers",
+    "data.seq_len",
+    "training.steps",
+    "training.global_batch_size",
+    "training.optimizer.lr",
+)
+SOURCE_NAME = "attnpipe"
+GIT_COMMIT_ENV = "ATTNPIPE_GIT_COMMIT"
 
 
 def tracking_uri(uri: str | None, work_dir: str | Path) -> str:
@@ -14,17 +46,125 @@ def tracking_uri(uri: str | None, work_dir: str | Path) -> str:
     return f"sqlite:///{Path(work_dir).resolve() / 'mlflow.db'}"
 
 
-def use_experiment(uri: str, name: str, work_dir: str | Path) -> None:
-    """Point MLflow at `uri` and experiment `name`, creating it with its artifacts under
-    <work_dir>/mlartifacts when the store is local (MLflow's default would be ./mlruns in
-    whatever folder the command runs from)."""
+def is_server(uri: str | None) -> bool:
+    """Whether `uri` is a tracking server, which has a UI (a file or database store has
+    none until `attnpipe ui` serves it)."""
+    return bool(uri) and str(uri).startswith(("http://", "https://"))
+
+
+def use_experiment(uri: str, name: str, work_dir: str | Path) -> str:
+    """Point MLflow at `uri` and experiment `name` and return its id. A new experiment is a
+    training experiment (EXPERIMENT_KIND_TAG), with its artifacts under <work_dir>/mlartifacts
+    when the store is local (MLflow's default would be ./mlruns in whatever folder the command
+    runs from); an existing one without a kind gets the tag, one with a kind keeps it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    use_run_context()
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        location = None
+        if not is_server(uri):
+            location = (Path(work_dir).resolve() / "mlartifacts").as_uri()
+        try:
+            mlflow.create_experiment(
+                name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT}
+            )
+        except MlflowException:  # another job created it meanwhile
+            if mlflow.get_experiment_by_name(name) is None:
+                raise
+    elif EXPERIMENT_KIND_TAG not in experiment.tags:
+        MlflowClient(uri).set_experiment_tag(
+            experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT
+        )
+    return str(mlflow.set_experiment(name).experiment_id)
+
+
+def ui_url(
+    uri: str | None, experiment_id: str | None = None, run_id: str | None = None
+) -> str | None:
+    """The MLflow UI page of a run, else of an experiment's runs, else of the experiments,
+    in the UI's model-training view; None for a store without a UI."""
+    if not uri or not is_server(uri):
+        return None
+    page = "/#/experiments"
+    if experiment_id is not None:
+        page += f"/{experiment_id}/runs"
+        if run_id is not None:
+            page += f"/{run_id}"
+    return f"{uri.rstrip('/')}{page}?{UI_VIEW}"
+
+
+def stage_run_name(job: str, stage: str) -> str:
+    """A stage's run is named after its job and the stage (`decoder-tiny-train`): a job's
+    preprocessing and training runs are told apart in the runs list; a parent run (kind
+    pipeline, compare, retrain) keeps the job's name."""
+    return f"{job}-{stage}"
+
+
+def git_commit() -> str | None:
+    """The commit of the code that runs: ATTNPIPE_GIT_COMMIT where the submitter set it (a
+    submitted job's working directory travels without .git), else this checkout's HEAD."""
+    if commit := os.environ.get(GIT_COMMIT_ENV, "").strip():
+        return commit
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def submission_env() -> dict[str, str]:
+    """Environment variables a job submitted from here carries to its runs: the commit of
+    this checkout, taken at submit time."""
+    commit = git_commit()
+    return {GIT_COMMIT_ENV: commit} if commit else {}
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's source tags of an attnpipe run: the program (MLflow's default is the entry
+    script's path, a Ray temp folder on a cluster) and the commit, when known."""
+    tags = {"mlflow.source.name": SOURCE_NAME}
+    if commit := git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def use_run_context() -> None:
+    """Set up this process for attnpipe's runs, whoever starts them (a stage, a parent run):
+
+    - `source_tags` on every run, through MLflow's MLFLOW_RUN_CONTEXT (tags, as JSON, that
+      `mlflow.start_run` puts over the ones it infers; tags passed to it win). Tags someone
+      put there already stay.
+    - No "View run ... / View experiment ..." lines from MLflow: it prints them as each run
+      ends, the preprocessing run first, into its GenAI view; the training driver prints its
+      run's link (`ui_url`) as the run starts.
+    """
+    from mlflow.environment_variables import MLFLOW_RUN_CONTEXT
+
+    given = json.loads(MLFLOW_RUN_CONTEXT.get()) if MLFLOW_RUN_CONTEXT.defined else {}
+    os.environ[MLFLOW_RUN_CONTEXT.name] = json.dumps({**source_tags(), **given})
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def log_spec(spec: JobSpec) -> None:
+    """The resolved spec of the active run: HEADLINE_PARAMS as params, the whole of it as
+    the artifact `spec.yaml` (what `attnpipe validate` prints)."""
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(name) is None and not uri.startswith(("http:", "https:")):
-        location = (Path(work_dir).resolve() / "mlartifacts").as_uri()
-        mlflow.create_experiment(name, artifact_location=location)
-    mlflow.set_experiment(name)
+    from pipeline.config import resolved_yaml
+
+    flat = flatten(spec.model_dump(mode="json"))
+    mlflow.log_params({key: str(flat[key])[:500] for key in HEADLINE_PARAMS if key in flat})
+    mlflow.log_text(resolved_yaml(spec), "spec.yaml")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -43,26 +183,28 @@ def log_preprocess(
     manifest: dict[str, Any],
     out_dir: Path | str,
     data_config: dict[str, Any],
-    run_name: str,
+    job: str,
     uri: str,
     experiment: str,
     work_dir: str | Path,
     nested: bool = False,
 ) -> str:
-    """One MLflow run for a preprocessing job: counts, throughput, and the dataset input
-    (its digest is the output's fingerprint, which training runs reference)."""
+    """One MLflow run for a preprocessing job, `<job>-preprocess`: counts, throughput, and
+    the dataset input (its digest is the output's fingerprint, which training runs
+    reference)."""
     import mlflow
 
     use_experiment(uri, experiment, work_dir)
     counts = manifest["counts"]
-    with mlflow.start_run(run_name=run_name, nested=nested) as run:
-        mlflow.set_tags(
-            {
-                "attnpipe.stage": "preprocess",
-                "attnpipe.data_fingerprint": manifest["fingerprint"],
-                "attnpipe.cache_hit": str(manifest.get("cache_hit", False)),
-            }
-        )
+    tags = {
+        "attnpipe.stage": "preprocess",
+        "attnpipe.job": job,
+        "attnpipe.data_fingerprint": manifest["fingerprint"],
+        "attnpipe.cache_hit": str(manifest.get("cache_hit", False)),
+    }
+    with mlflow.start_run(
+        run_name=stage_run_name(job, "preprocess"), nested=nested, tags=tags
+    ) as run:
         params = {k: str(v)[:500] for k, v in flatten({"data": data_config}).items()}
         mlflow.log_params(params)
         metrics = {
@@ -77,7 +219,7 @@ def log_preprocess(
         if "tokens_per_second" in manifest:
             metrics["tokens_per_second"] = manifest["tokens_per_second"]
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=0)
-        log_dataset(out_dir, manifest["fingerprint"], run_name, "preprocess")
+        log_dataset(out_dir, manifest["fingerprint"], job, "preprocess")
         return run.info.run_id
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -68,20 +67,6 @@ def preflight(spec: JobSpec, resume_from: str | None, uri: str) -> Path | None:
     return resume
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
-
-
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "events.jsonl"
     if not path.exists():
@@ -106,7 +91,7 @@ def run_train(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.tracking import flatten, log_dataset, use_experiment
+    from pipeline.tracking import log_dataset, log_spec, stage_run_name, ui_url, use_experiment
 
     resume = preflight(spec, resume_from, uri)
     manifest = read_manifest(local_copy(data_dir))  # a URI: this node's mirror of it
@@ -126,9 +111,6 @@ def run_train(
         "attnpipe.checkpoint_dir": str(run_dir),
         "attnpipe.ray_run_name": name,
     }
-    commit = git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
     submission = os.environ.get("RAY_JOB_SUBMISSION_ID") or _ray_submission_id()
     if submission:
         tags["attnpipe.ray_submission_id"] = submission
@@ -136,13 +118,16 @@ def run_train(
         tags["attnpipe.resumed_from"] = str(resume)
     if init_from is not None:
         tags["attnpipe.init_from"] = str(init_from)
+    run_name = stage_run_name(spec.job.name, "train")
     with mlflow.start_run(
-        run_name=spec.job.name,
+        run_name=run_name,
         nested=nested,
         tags=tags,
         log_system_metrics=spec.tracking.system_metrics,
     ) as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in flatten(resolved).items()})
+        log_spec(spec)
+        if url := ui_url(uri, run.info.experiment_id, run.info.run_id):
+            progress(f"View run {run_name} at: {url}")
         progress(f"MLflow run {run.info.run_id}; checkpoints in {run_dir}")
         config = WorkerConfig(
             spec=resolved,
