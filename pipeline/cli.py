@@ -18,6 +18,7 @@ import typer
 
 from pipeline.config import JobSpec, load_spec, resolved_yaml, spec_warnings
 from pipeline.errors import UserError
+from pipeline.jobs.scheduler import default_state_dir
 from pipeline.jobs.submit import Cluster
 
 app = typer.Typer(
@@ -127,7 +128,7 @@ def run(spec: SpecArg, overrides: OverridesArg = None, resume_from: ResumeOpt = 
     except UserError as exc:
         fail(str(exc))
     except TrainingFailed as exc:
-        typer.echo(f"attnpipe: {exc}", err=True)
+        typer.echo(f"attnpipe: {training_failure(exc, resolved.training.max_failures)}", err=True)
         raise typer.Exit(1) from None
     if resolved.job.kind == "preprocess":
         counts = result["counts"]
@@ -148,6 +149,18 @@ def run(spec: SpecArg, overrides: OverridesArg = None, resume_from: ResumeOpt = 
         }
         summary["resumed_at"] = [e["step"] for e in result["events"] if e["event"] == "resume"]
     typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+def training_failure(exc: BaseException, max_failures: int) -> str:
+    """One line for training that failed beyond training.max_failures: each failed rank
+    and the first line of its error (Ray's own message opens with a bare heading and goes
+    on for pages: tracebacks, actor ids)."""
+    failures = getattr(exc.__cause__, "worker_failures", None) or {}
+    ranks = "; ".join(
+        f"rank {rank}: {type(error).__name__}: {(str(error).strip() or '-').splitlines()[0][:160]}"
+        for rank, error in sorted(failures.items())
+    )
+    return f"training failed (training.max_failures={max_failures}): {ranks}" if ranks else str(exc)
 
 
 @app.command("plan")
@@ -318,10 +331,19 @@ SubmissionArg = Annotated[str, typer.Argument(help="The job's submission id.")]
 StateDirOpt = Annotated[
     Path,
     typer.Option(
-        "--state-dir", envvar="ATTNPIPE_SCHEDULER_DIR", help="The scheduler's state folder."
+        "--state-dir",
+        envvar="ATTNPIPE_SCHEDULER_DIR",
+        help="The scheduler's state folder (schedules, firings, log, lock).",
     ),
 ]
-DEFAULT_STATE = Path("attnpipe-work/scheduler")
+DEFAULT_STATE = default_state_dir()
+# A job's end as an exit code, for scripts and CI: 2 stays bad input (an unknown id, an
+# unreachable cluster), as everywhere in attnpipe.
+JOB_EXIT = {"FAILED": 1, "STOPPED": 3}
+JOB_EXIT_HELP = (
+    "Exit code: 0 when the job SUCCEEDED (or, for status, is PENDING or RUNNING), 1 when it "
+    "FAILED, 3 when it was STOPPED, 2 for bad input (an unknown id, no cluster)."
+)
 
 
 def cluster(address: str | None = None) -> Cluster:
@@ -343,22 +365,26 @@ def submit(
 ) -> None:
     """Submit a job spec to a Ray cluster, to run there with `attnpipe run`.
 
-    Prints the submission id and the MLflow link; --wait follows the logs until it ends."""
+    Prints the submission id and the MLflow link; --wait follows the logs until it ends.
+    Exit code: 0 when submitted (with --wait: when the job SUCCEEDED), 1 when the job
+    FAILED, 3 when it was STOPPED (--wait), 2 for bad input (nothing submitted)."""
     from datetime import datetime, timezone
 
     from pipeline.jobs import submit as jobs
 
     resolved = load(spec, overrides)
+    notes = jobs.cluster_notes(resolved)
     try:
         jobs.check_runnable(resolved)
         sid = jobs.submission_id(resolved.job.name, datetime.now(timezone.utc))
         ray = cluster(address)
         jobs.submit_spec(
-            resolved, ray, sid, image=image, pip=pip or (), entrypoint_cpus=entrypoint_cpus
-        )
+            resolved, ray, sid, image=image, pip=pip or (), entrypoint_cpus=entrypoint_cpus,
+            notes=notes,
+        )  # fmt: skip
     except UserError as exc:
         fail(str(exc))
-    for note in jobs.cluster_notes(resolved):
+    for note in notes:
         typer.echo(f"attnpipe: note: {note}", err=True)
     typer.echo(f"submission_id: {sid}")
     t = resolved.tracking
@@ -377,19 +403,22 @@ def submit(
     status = jobs.status_of(details)
     typer.echo(f"status: {status}")
     if status != "SUCCEEDED":
-        typer.echo(f"attnpipe: job {sid} {status}: {details.message}", err=True)
-        raise typer.Exit(1)
+        # Ray's message goes on with the tail of the logs just streamed: its first line
+        message = (details.message or "").split("\n")[0].split(", last available logs")[0]
+        typer.echo(f"attnpipe: job {sid} {status}: {message}", err=True)
+        raise typer.Exit(JOB_EXIT.get(status, 1))
 
 
-@app.command()
+@app.command(help=f"A submitted job's state, times and MLflow link. {JOB_EXIT_HELP}")
 def status(submission: SubmissionArg, address: AddressOpt = None) -> None:
-    """A submitted job's state, times and MLflow link."""
-    from pipeline.jobs.submit import describe
+    from pipeline.jobs.submit import describe, status_of
 
     try:
-        typer.echo("\n".join(describe(cluster(address).info(submission))))
+        details = cluster(address).info(submission)
+        typer.echo("\n".join(describe(details)))
     except UserError as exc:
         fail(str(exc))
+    raise typer.Exit(JOB_EXIT.get(status_of(details), 0))
 
 
 @app.command()
@@ -506,7 +535,9 @@ def scheduler(
     ] = 600,
     poll: Annotated[float, typer.Option(min=0.1, help="Seconds between schedule reads.")] = 5.0,
 ) -> None:
-    """The one scheduling process: submits every schedule's slots until stopped."""
+    """The one scheduling process: submits every schedule's slots until stopped.
+
+    Ctrl-C or SIGTERM (`kill PID`; the pid is in <state-dir>/scheduler.lock) stops it."""
     from pipeline.jobs.scheduler import run_scheduler
 
     try:

@@ -15,16 +15,30 @@ RUNNABLE = ("preprocess", "train", "pipeline", "retrain", "compare")
 
 
 def progress_printer() -> Any:
-    """Timestamped progress lines on stderr (rich on a terminal, plain in logs)."""
+    """Timestamped progress lines on stderr (rich on a terminal, plain in logs). A line is
+    never wrapped, so a path stays whole for people and for grep (rich wraps at the
+    terminal's width, and at 80 columns where there is no terminal: a job's log), and a
+    message is never read as rich markup (a path may hold brackets)."""
     from rich.console import Console
 
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     start = time.perf_counter()
 
     def show(message: str) -> None:
-        console.print(f"[{time.perf_counter() - start:7.1f}s] {message}")
+        console.print(f"[{time.perf_counter() - start:7.1f}s] {message}", markup=False, emoji=False)
 
     return show
+
+
+def print_worker_output_once() -> None:
+    """Ray Train replaces `print` in its workers with one that prints the line and also logs
+    it to a handler that writes to the console, so every line a worker printed (attnpipe's
+    `step N/M ...`, DeepSpeed's notices) reached the driver, and a job's log, twice. Ray
+    Train hands this variable from the driver to its controller and workers, where the
+    replacement reads it; lines then reach the driver once, through Ray's own forwarding."""
+    import os
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
 def start_local_ray(
@@ -34,8 +48,13 @@ def start_local_ray(
     dashboard (Ray Train's controller queries its state API) binds 127.0.0.1 on a free
     port. Ray resolves a loopback node address to the machine's own address, so its
     internal ports follow Ray's defaults (token authentication is on by default in 2.60).
-    With RAY_ADDRESS set (the driver of a Ray job sees its cluster's address there) it
-    connects to that cluster instead. `cpu_training`: the workers get CPU_WORKER_ENV."""
+    With RAY_ADDRESS set to a cluster (the driver of a Ray job sees its cluster's GCS
+    address there) it connects to that cluster instead; never otherwise. A Jobs API URL
+    there (`http://127.0.0.1:8265`, exported for `attnpipe submit`) names no cluster to
+    run in, and a bare `ray.init()` would join the cluster the machine's last `ray start`
+    recorded in /tmp/ray/ray_current_cluster (one started for `attnpipe submit`, or a dead
+    one killed by its pid) and refuse `num_cpus` there. `cpu_training`: the workers get
+    CPU_WORKER_ENV."""
     import os
 
     import ray
@@ -43,10 +62,13 @@ def start_local_ray(
     if ray.is_initialized():
         return False
     runtime_env = {"env_vars": dict(CPU_WORKER_ENV)} if cpu_training else None
-    if os.environ.get("RAY_ADDRESS"):  # connecting: Ray forbids the start arguments
-        ray.init(log_to_driver=log_to_driver, runtime_env=runtime_env)
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address and not address.startswith(("http://", "https://")):
+        ray.init(log_to_driver=log_to_driver, runtime_env=runtime_env)  # Ray forbids start args
         return True
+    os.environ.pop("RAY_ADDRESS", None)  # a Jobs API URL: not for this Ray's processes either
     ray.init(
+        address="local",  # a new instance, whatever runs on the machine
         num_cpus=num_cpus,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
@@ -152,6 +174,7 @@ def run_job(
             + ", ".join(RUNNABLE)
         )
     show = progress_printer()
+    print_worker_output_once()
     preprocess_only = spec.job.kind == "preprocess"
     started = (
         start_local_ray(2)

@@ -1,7 +1,18 @@
-"""A real Ray head node for tests: `ray start --head --block` on 127.0.0.1 with its dashboard
-(the Jobs API), every port free, token authentication on, and a temp folder of its own
-(so no other `ray.init()` on the machine finds it). Stopped by its process group and the
-process ids it started, never by `ray stop`, which stops every cluster on the machine."""
+"""A real Ray head node for tests, started as the README tells a user to start a cluster on
+this machine: `.venv/bin/ray start --head --block` with its dashboard (the Jobs API), token
+authentication on, every port free, and a temp folder of its own (so no other `ray.init()`
+on the machine finds it).
+
+- Only on loopback: with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (Ray's single-node mode, the
+  default on macOS and Windows) `--node-ip-address 127.0.0.1` stays 127.0.0.1, and every
+  Ray process listens there; without it Ray replaces it with the machine's address and its
+  GCS, raylet and workers listen on every interface. `listening()` says where it listens.
+- Without the virtual environment on its PATH, as `.venv/bin/ray start` is run from a shell
+  that has not activated it: the `python` that PATH finds is another one (or none), so a
+  job whose entrypoint relied on it would fail.
+
+Stopped by its process group and the process ids it started, never by `ray stop`, which
+stops every cluster on the machine."""
 
 from __future__ import annotations
 
@@ -16,8 +27,16 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from mlflow_server import free_port
+
+
+def same(a: str, b: str) -> bool:
+    """Two names of one folder."""
+    with contextlib.suppress(OSError):
+        return os.path.samefile(a, b)
+    return False
 
 
 class RayHead:
@@ -56,9 +75,11 @@ class RayHead:
             "--disable-usage-stats",
             *(str(x) for pair in ports.items() for x in pair),
         ]  # fmt: skip
-        env = {k: v for k, v in self.env().items() if k != "RAY_ADDRESS"}
-        # the job drivers run `python`: this virtual environment's
-        env.update(RAY_AUTH_MODE="token", PATH=f"{bin_dir}:{env.get('PATH', '')}")
+        env = {k: v for k, v in self.env().items() if k not in ("RAY_ADDRESS", "VIRTUAL_ENV")}
+        path = [p for p in env.get("PATH", "").split(os.pathsep) if p and not same(p, bin_dir)]
+        env.update(
+            RAY_AUTH_MODE="token", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PATH=os.pathsep.join(path)
+        )
         with open(self.root / "ray.log", "ab") as log:
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -82,6 +103,29 @@ class RayHead:
         except (OSError, ValueError):
             return False
 
+    def processes(self) -> list[Any]:
+        """The head's processes (psutil), those that left its process group included."""
+        import psutil
+
+        if self.proc is None:
+            return []
+        with contextlib.suppress(psutil.Error):
+            head = psutil.Process(self.proc.pid)
+            return [head, *head.children(recursive=True)]
+        return []
+
+    def listening(self) -> set[str]:
+        """The addresses its processes accept TCP connections on."""
+        import psutil
+
+        found = set()
+        for proc in self.processes():
+            with contextlib.suppress(psutil.Error):
+                for conn in proc.net_connections(kind="tcp"):
+                    if conn.status == psutil.CONN_LISTEN:
+                        found.add(conn.laddr.ip)
+        return found
+
     def stop(self) -> None:
         """SIGTERM to the process group and to every process the head started, then
         SIGKILL to those still there (psutil checks that a process is the same one before
@@ -90,11 +134,8 @@ class RayHead:
 
         if self.proc is None:
             return
+        started = self.processes()  # some leave the group
         group, self.proc = self.proc.pid, None
-        started: list[psutil.Process] = []
-        with contextlib.suppress(psutil.Error):
-            head = psutil.Process(group)
-            started = [head, *head.children(recursive=True)]  # some leave the group
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGTERM)
         for proc in started:

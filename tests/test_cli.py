@@ -102,3 +102,13 @@ def test_the_readme_spec_reference_is_the_one_the_schema_generates(tmp_path):
     copy.write_text(readme.replace(block, readme_block("stale")))
     assert attnpipe("schema", "--update", str(copy)).returncode == 0
     assert copy.read_text() == readme
+
+
+def test_status_and_submit_say_their_exit_codes():
+    """Scripts and CI rely on them: 0 SUCCEEDED, 1 FAILED, 3 STOPPED, 2 bad input."""
+    for command in ("status", "submit"):
+        result = attnpipe(command, "--help")
+        assert result.returncode == 0, result.stderr
+        text = " ".join(result.stdout.replace("│", " ").split())
+        for said in ("0 when", "1 when", "FAILED", "3 when it was STOPPED", "2 for bad input"):
+            assert said in text, (command, said, text)

@@ -4,15 +4,22 @@ and an `mlflow server`, one of each for the module."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import queue
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from corpus import write_corpus
@@ -61,6 +68,7 @@ def tiny(tmp_path_factory, mlflow_uri) -> list[str]:
         "training.lr_schedule.warmup_steps=1",
         "training.checkpoint_interval=2",
         "training.eval_interval=2",
+        "training.log_interval=2",
     ]
 
 
@@ -82,6 +90,21 @@ def one_error_line(result: subprocess.CompletedProcess[str], *expected: str) -> 
 
 def fields(stdout: str) -> dict[str, str]:
     return dict(line.split(": ", 1) for line in stdout.splitlines() if ": " in line)
+
+
+def step_lines(output: str) -> list[str]:
+    """The `step N/M ...` progress lines of a job's output, as Ray forwards them from rank 0
+    (`(RayTrainWorker pid=...) step 2/4 train/loss=...`), from `step` on."""
+    return re.findall(r"^.*?RayTrainWorker pid=\d+\).*?(step \d+/\d+ .*)$", output, re.M)
+
+
+def assert_whole_progress_lines(output: str) -> None:
+    """Each step logged once, every log_interval (2) steps and at the end; a progress line
+    holding a path is one line (rich wrapped it at 80 columns in a job's log)."""
+    steps = step_lines(output)
+    assert [line.split()[1] for line in steps] == ["2/4", "4/4"], steps
+    assert all("train/loss=" in line and "val/loss=" in line for line in steps), steps
+    assert re.search(r"\] MLflow run \w+; checkpoints in /\S+/runs/decoder-tiny-\S+$", output, re.M)
 
 
 @pytest.fixture
@@ -117,7 +140,7 @@ def test_submit_wait_trains_on_the_cluster_and_mlflow_holds_run_metrics_and_mode
     out, result = submitted
     sid = out["submission_id"]
     assert sid.startswith("decoder-tiny-") and sid.endswith("Z") and out["status"] == "SUCCEEDED"
-    assert "step 4/4" in result.stderr  # the job's logs, followed
+    assert_whole_progress_lines(result.stderr)  # the job's logs, followed
     client = MlflowClient(mlflow_uri)
     experiment = client.get_experiment_by_name("attnpipe-examples")
     runs = client.search_runs(
@@ -125,10 +148,11 @@ def test_submit_wait_trains_on_the_cluster_and_mlflow_holds_run_metrics_and_mode
     )
     assert len(runs) == 1
     run = runs[0]
-    assert (
-        out["mlflow"]
-        == f"{mlflow_uri}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}"
-    )
+    page = f"#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}"
+    assert out["mlflow"] == f"{mlflow_uri}/{page}?workflowType=machine_learning"
+    # the commit of this checkout, taken at submit time (the job's folder has no .git)
+    assert run.data.tags["mlflow.source.git.commit"] == git_head()
+    assert run.data.tags["mlflow.source.name"] == "attnpipe"
     losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in losses][-1] == 4
     assert "val/loss" in run.data.metrics
@@ -144,7 +168,8 @@ def test_status_logs_and_list_against_the_cluster(submitted, ray_head, mlflow_ur
     assert status.stdout.startswith(f"{sid}: SUCCEEDED")
     assert f"mlflow:     {out['mlflow']}" in status.stdout
     logs = attnpipe("logs", sid, env=ray_head.env())
-    assert logs.returncode == 0 and "step 4/4" in logs.stdout
+    assert logs.returncode == 0, logs.stderr
+    assert_whole_progress_lines(logs.stdout)
     summary = json.loads(logs.stdout[logs.stdout.rindex("\n{") :].split("\n}")[0] + "\n}")
     assert summary["metrics"]["step"] == 4
     listed = attnpipe("list", env=ray_head.env())
@@ -153,18 +178,131 @@ def test_status_logs_and_list_against_the_cluster(submitted, ray_head, mlflow_ur
     assert row.split()[1] == "SUCCEEDED" and row.split()[-1] == "decoder-tiny"
 
 
-def test_stop_a_running_job(submitted, ray_head, tiny, cluster):
+def test_a_cluster_started_without_the_environment_on_its_path_runs_jobs_in_it(submitted, ray_head):
+    """The module's cluster is `.venv/bin/ray start` from a shell that has not activated
+    the environment: the `python` its PATH finds is not the environment's (here pyenv's,
+    without attnpipe's dependencies, or none at all). The submitted job ran anyway, with the
+    interpreter the cluster's Ray runs its workers with."""
+    import psutil
+
+    venv_python = Path(sys.executable)
+    path = psutil.Process(ray_head.proc.pid).environ()["PATH"]
+    found = shutil.which("python", path=path)
+    assert found is None or not os.path.samefile(found, venv_python), path
+    out, _ = submitted
+    status = attnpipe("status", out["submission_id"], env=ray_head.env())
+    assert status.returncode == 0, status.stderr
+    entrypoint = fields(status.stdout)["  entrypoint"]
+    assert entrypoint == f"{venv_python} -m pipeline.cli run attnpipe-spec.yaml"
+
+
+def test_a_laptop_cluster_listens_on_loopback_only(submitted, ray_head):
+    """As docs/operations.md starts one (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, node address
+    127.0.0.1): no Ray process, the workers a job started included, listens beyond
+    loopback."""
+    listening = {ipaddress.ip_address(ip) for ip in ray_head.listening()}
+    assert listening, "no listening sockets found"
+    for ip in listening:
+        mapped = getattr(ip, "ipv4_mapped", None)
+        assert (mapped or ip).is_loopback, sorted(map(str, listening))
+
+
+def test_stop_a_running_job_and_its_status_exits_3(submitted, ray_head, tiny, cluster):
     env = ray_head.env()
     result = attnpipe("submit", "jobs/decoder-tiny.yaml", *tiny, "training.steps=100000",
                       "job.name=long-run", env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     sid = fields(result.stdout)["submission_id"]
+    running = attnpipe("status", sid, env=env)
+    assert running.returncode == 0, running.stderr  # PENDING or RUNNING
     stopped = attnpipe("stop", sid, env=env)
     assert stopped.returncode == 0, stopped.stderr
     assert stopped.stdout.startswith(f"{sid}: stop requested")
     wait_for(lambda: cluster.info(sid).status.value == "STOPPED", "the job to stop", timeout=60)
     again = attnpipe("stop", sid, env=env)
     assert again.returncode == 0 and again.stdout.strip() == f"{sid}: not running (STOPPED)"
+    status = attnpipe("status", sid, env=env)
+    assert status.returncode == 3, status.stderr
+    assert status.stdout.startswith(f"{sid}: STOPPED") and "Traceback" not in status.stderr
+
+
+def lines_of(stream: Any) -> queue.Queue[str | None]:
+    """A process's output lines as they come (None at its end)."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def test_a_worker_lost_beyond_max_failures_fails_attnpipe_run_submit_wait_and_status(
+    submitted, ray_head, tiny
+):
+    """A training worker is killed (as a lost node or the OOM killer would) in a job that
+    allows no worker failures: the job's `attnpipe run` exits 1 with one line, so the job
+    FAILED; `submit --wait` and `status` exit 1."""
+    import psutil
+
+    env = ray_head.env()
+    proc = subprocess.Popen(
+        [ATTNPIPE, "submit", "jobs/decoder-tiny.yaml", *tiny, "job.name=doomed",
+         "training.steps=100000", "training.log_interval=1", "training.max_failures=0",
+         "--wait"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+    )  # fmt: skip
+    try:
+        lines, seen, found = lines_of(proc.stderr), [], None
+        while found is None:  # rank 0's first step: its pid is in the line's prefix
+            line = lines.get(timeout=300)
+            assert line is not None, "".join(seen)[-3000:]
+            seen.append(line)
+            found = re.search(r"RayTrainWorker pid=(\d+)\).*step 1/", line)
+        worker = psutil.Process(int(found.group(1)))
+        assert worker in ray_head.processes(), worker  # a process of the test's cluster
+        worker.kill()
+        assert proc.wait(timeout=300) == 1
+        while (line := lines.get(timeout=30)) is not None:
+            seen.append(line)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr, out = "".join(seen), fields(proc.stdout.read())
+    assert out["status"] == "FAILED", out
+    sid = out["submission_id"]
+    # the job's driver, `attnpipe run`: one line and exit code 1, which Ray reports
+    failed = re.findall(r"^attnpipe: training failed .*$", stderr, re.M)
+    assert len(failed) == 1, stderr[-3000:]
+    assert failed[0].startswith("attnpipe: training failed (training.max_failures=0): rank 0: ")
+    last = stderr.rstrip("\n").splitlines()[-1]
+    assert last == f"attnpipe: job {sid} FAILED: Job entrypoint command failed with exit code 1"
+    status = attnpipe("status", sid, env=env)
+    assert status.returncode == 1, status.stderr
+    assert status.stdout.startswith(f"{sid}: FAILED") and "Traceback" not in status.stderr
+
+
+def test_attnpipe_run_starts_its_own_ray_in_a_shell_set_up_for_submit(tiny):
+    """In the shell of the README's walk-through: RAY_ADDRESS is the Jobs API's URL (which
+    `ray.init()` refuses), and `ray start` recorded its cluster in <Ray's temp
+    dir>/ray_current_cluster, where a bare `ray.init()` joins it (and, given num_cpus,
+    raises), a record that a cluster stopped by its pid leaves behind. `attnpipe run`
+    starts its own embedded Ray all the same."""
+    temp = Path(tempfile.mkdtemp(prefix="ar", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        (temp / "ray").mkdir()
+        (temp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDR")}
+        env.update(RAY_TMPDIR=str(temp), RAY_ADDRESS=f"http://127.0.0.1:{free_port()}")
+        run = attnpipe("run", "jobs/decoder-tiny.yaml", *tiny, "job.kind=preprocess", env=env,
+                       timeout=300)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert json.loads(run.stdout)["tokens"] > 0
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -195,22 +333,21 @@ def test_a_cluster_with_token_auth_wants_the_token(ray_head):
     one_error_line(attnpipe("list", env=env), "requires an auth token", "RAY_AUTH_TOKEN")
 
 
-def test_an_unreachable_address_is_one_line_within_10_seconds(tmp_path):
+def test_an_unreachable_address_is_one_line_from_the_probe_not_rays_retries(tmp_path):
+    """A refused or silent address ends in attnpipe's own probe (3 s), whose one line says
+    so, not in the retries of Ray's client (minutes); the machine's load decides the wall
+    time, so the wording is what is checked."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    started = time.monotonic()
     refused = attnpipe("list", "--address", f"http://127.0.0.1:{free_port()}", env=env)
     one_error_line(refused, "cannot reach the Ray dashboard", "ray start --head")
-    assert time.monotonic() - started < 10
     with socket.socket() as silent:  # accepts connections and never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen()
-        started = time.monotonic()
         hung = attnpipe(
             "submit", "jobs/decoder-tiny.yaml", f"storage.work_dir={tmp_path}",
-            "--address", f"127.0.0.1:{silent.getsockname()[1]}", env=env,
+            "--address", f"127.0.0.1:{silent.getsockname()[1]}", env=env, timeout=60,
         )  # fmt: skip
         one_error_line(hung, "cannot reach the Ray dashboard", "timed out")
-        assert time.monotonic() - started < 10
     missing = attnpipe("list", env=env)
     one_error_line(missing, "no Ray cluster address", "RAY_ADDRESS", "ray start --head")
 
@@ -274,11 +411,18 @@ def test_the_scheduler_fires_each_slot_once_across_a_restart(
 
     env, state = ray_head.env(), tmp_path / "state"
     first = scheduler(state, env, tmp_path / "first.log")
+    second = None
     try:
-        time.sleep(3)  # running on an empty state: a schedule added now is picked up
+        # holding the lock and running on an empty state: a schedule added now is picked up
+        wait_for(lambda: "scheduler running" in (tmp_path / "first.log").read_text(),
+                 "the first scheduler to take the lock", timeout=60)  # fmt: skip
+        assert (state / "scheduler.lock").read_text().strip() == str(first.pid)
         second = scheduler(state, env, tmp_path / "second.log")
         assert second.wait(timeout=60) == 2
-        assert "another scheduler is already running" in (tmp_path / "second.log").read_text()
+        assert (
+            f"another scheduler is already running on {state} (pid {first.pid})"
+            in (tmp_path / "second.log").read_text()
+        )
         added = attnpipe(
             "schedule", "add", "jobs/decoder-tiny.yaml", *tiny, "job.kind=preprocess",
             "schedule.cron=*/10 * * * * *", "--name", "nightly", "--state-dir", str(state),
@@ -287,8 +431,10 @@ def test_the_scheduler_fires_each_slot_once_across_a_restart(
         assert added.returncode == 0, added.stderr
         wait_for(lambda: bool(firings(state)), "a first firing", timeout=60)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # a crash: the lock goes with the process
-        first.wait()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # a crash: the lock goes with the process
+                proc.wait()
     (fired,) = firings(state)
     assert fired["outcome"] == "submitted", fired
     wait_for(lambda: succeeded(cluster, fired["submission_id"]), "the first job", timeout=180)
@@ -296,9 +442,14 @@ def test_the_scheduler_fires_each_slot_once_across_a_restart(
     while datetime.now(timezone.utc) < due + timedelta(seconds=11):  # the next slot passes
         time.sleep(0.5)
 
+    def submitted_since() -> list[dict[str, str]]:
+        return [f for f in firings(state)[1:] if f["outcome"] == "submitted"]
+
     restarted = scheduler(state, env, tmp_path / "restarted.log")
     try:
-        wait_for(lambda: len(firings(state)) >= 2, "the missed slot", timeout=60)
+        # the missed slots, as one firing; a slot that comes while it is still being
+        # submitted (a loaded machine) is skipped, and recorded first
+        wait_for(lambda: bool(submitted_since()), "the missed slot", timeout=60)
         listed = attnpipe("schedule", "list", "--state-dir", str(state), env=env)
         assert listed.returncode == 0 and "*/10 * * * * *" in listed.stdout, listed.stderr
         saved = Store(state).get("nightly")
@@ -310,8 +461,9 @@ def test_the_scheduler_fires_each_slot_once_across_a_restart(
         restarted.send_signal(signal.SIGTERM)
         assert restarted.wait(timeout=60) == 0
     history = firings(state)
-    after = history[1]
-    assert after["outcome"] == "submitted" and after["slot"] > fired["slot"], history
+    after = submitted_since()[0]
+    assert after["slot"] > fired["slot"], history
+    assert {f["outcome"] for f in history[1:]} <= {"submitted", "skipped"}, history
     assert len({f["slot"] for f in history}) == len(history)  # no slot twice
     jobs = [j for j in cluster.jobs() if (j.metadata or {}).get("attnpipe.schedule") == "nightly"]
     submitted_ids = [f["submission_id"] for f in history if f["outcome"] == "submitted"]
@@ -345,12 +497,17 @@ def test_runtime_env_carries_the_project_or_names_an_image(tmp_path):
     from pipeline.jobs.submit import SPEC_FILE, runtime_env
 
     spec = load_spec(ROOT / "jobs" / "decoder-tiny.yaml", ["training.steps=70"])
-    env, entry = runtime_env(spec, "sid-1", tmp_path, pip=["rich==14.0.0"])
+    python = "/opt/ray env/bin/python3"  # the Python the cluster runs its workers with
+    env, entry = runtime_env(spec, "sid-1", tmp_path, pip=["rich==14.0.0"], python=python)
     assert env["working_dir"] == str(tmp_path) and env["pip"] == ["rich==14.0.0"]
     assert {Path(m).name for m in env["py_modules"]} == {"pipeline", "models"}
     assert (tmp_path / SPEC_FILE).read_text() == resolved_yaml(spec)
-    assert entry == f"python -m pipeline.cli run {SPEC_FILE}"
-    assert env["env_vars"]["RAY_JOB_SUBMISSION_ID"] == "sid-1"
+    assert entry == f"python -m pipeline.cli run {SPEC_FILE}"  # --pip: Ray's virtualenv's
+    # the submission id, and the commit of this checkout (the job's folder has no .git)
+    assert env["env_vars"] == {"RAY_JOB_SUBMISSION_ID": "sid-1", "ATTNPIPE_GIT_COMMIT": git_head()}
+    env, entry = runtime_env(spec, "sid-1", tmp_path, python=python)
+    assert entry == f"'{python}' -m pipeline.cli run {SPEC_FILE}"
+    assert env["env_vars"]["PATH"] == "/opt/ray env/bin:${PATH}"  # Ray expands it
 
     env, entry = runtime_env(spec, "sid-2", tmp_path / "unused", image="registry/attnpipe:1")
     assert env["image_uri"] == "registry/attnpipe:1" and "working_dir" not in env
@@ -366,3 +523,88 @@ def test_runtime_env_carries_the_project_or_names_an_image(tmp_path):
     assert shown.stdout == resolved_yaml(spec)
     with pytest.raises(UserError, match="--pip"):
         runtime_env(spec, "sid-3", tmp_path, image="registry/attnpipe:1", pip=["x"])
+
+
+def test_the_python_of_a_job_is_the_one_the_cluster_runs_its_workers_with(monkeypatch):
+    """Read from each live raylet's --python_worker_command in the dashboard's node summary:
+    the head node's (where a driver runs), or the one all nodes share; None when the
+    dashboard does not say, or the nodes differ."""
+    from pipeline.jobs import submit
+    from pipeline.jobs.submit import Cluster
+
+    def node(python: str, head: bool, state: str = "ALIVE") -> dict[str, Any]:
+        command = f"--python_worker_command={python} /ray/setup_worker.py --flag=1"
+        raylet = {"state": state, "isHeadNode": head}
+        return {"raylet": raylet, "cmdline": ["/ray/raylet", "--x=1", command]}
+
+    nodes: list[dict[str, Any]] = []
+    ray = Cluster.__new__(Cluster)  # no cluster: the dashboard's reply is faked
+    monkeypatch.setattr(ray, "_get", lambda path: {"data": {"summary": nodes}})
+    monkeypatch.setattr(submit, "PYTHON_WAIT_S", 0.0)
+    assert ray.worker_python() is None  # nothing reported yet
+    nodes += [node("/w/bin/python", False), node("'/h env/bin/python'", True)]
+    nodes.append(node("/old/bin/python", True, state="DEAD"))
+    assert ray.worker_python() == "/h env/bin/python"
+    assert ray.worker_python(anywhere=True) is None  # the driver may land on either
+    nodes[0] = node("/h\\ env/bin/python", False)
+    assert ray.worker_python(anywhere=True) == "/h env/bin/python"
+
+
+def test_the_scheduler_keeps_its_state_in_a_per_user_folder_by_default(tmp_path):
+    """Not in the folder a command runs in (a checkout): $XDG_STATE_HOME/attnpipe/scheduler,
+    else ~/.local/state/attnpipe/scheduler, else --state-dir / $ATTNPIPE_SCHEDULER_DIR."""
+    work, home = tmp_path / "checkout", tmp_path / "home"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XDG_STATE_HOME", "ATTNPIPE_SCHEDULER_DIR")}  # fmt: skip
+    env["HOME"] = str(home)
+
+    def schedule_list(**extra: str) -> None:
+        listed = subprocess.run([ATTNPIPE, "schedule", "list"], capture_output=True,
+                                text=True, cwd=work, env={**env, **extra}, timeout=60)  # fmt: skip
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stdout.split() == ["NAME", "CRON", "TIMEZONE", "NEXT", "SLOT", "(UTC)",
+                                         "LAST", "FIRING"]  # fmt: skip
+
+    schedule_list()
+    assert (home / ".local/state/attnpipe/scheduler/schedules.db").exists()
+    schedule_list(XDG_STATE_HOME=str(tmp_path / "xdg"))
+    assert (tmp_path / "xdg/attnpipe/scheduler/schedules.db").exists()
+    schedule_list(ATTNPIPE_SCHEDULER_DIR=str(tmp_path / "chosen"))
+    assert (tmp_path / "chosen/schedules.db").exists()
+    assert list(work.iterdir()) == []
+
+
+def test_a_cluster_that_has_just_started_gets_the_submission_once_its_agent_is_up(monkeypatch):
+    """The dashboard answers 500 "No available agent to submit job" until the head node's
+    agent has registered (seen on this machine about 20 s after `ray start`): retried; any
+    other refusal is one line at once."""
+    from pipeline.errors import UserError
+    from pipeline.jobs import submit
+    from pipeline.jobs.submit import Cluster
+
+    replies: list[Exception | str] = []
+
+    class Client:
+        def submit_job(self, **kwargs: Any) -> str:
+            reply = replies.pop(0)
+            if isinstance(reply, Exception):
+                raise reply
+            return reply
+
+    ray = Cluster.__new__(Cluster)  # no cluster: the Jobs API's replies are faked
+    ray.address, ray.client = "http://127.0.0.1:8265", Client()
+    monkeypatch.setattr(submit.time, "sleep", lambda s: None)
+    busy = "Request failed with status code 500: No available agent to submit job, try later."
+    replies += [RuntimeError(busy), RuntimeError(busy), "sid-1"]
+    assert ray.submit(submission_id="sid-1") == "sid-1" and replies == []
+    replies += [RuntimeError("Request failed with status code 400: bad runtime_env"), "never"]
+    with pytest.raises(UserError, match="bad runtime_env"):
+        ray.submit(submission_id="sid-2")
+    assert replies == ["never"]
+
+
+def git_head() -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True
+    ).stdout.strip()

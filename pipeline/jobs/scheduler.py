@@ -37,9 +37,18 @@ import yaml
 from pipeline.config import JobSpec, cron_trigger, resolved_yaml, validate_spec
 from pipeline.errors import UserError
 
-DEFAULT_STATE_DIR = "attnpipe-work/scheduler"
 FIRE = "pipeline.jobs.scheduler:fire_schedule"  # a textual reference: the job store pickles it
 log = logging.getLogger("attnpipe.scheduler")
+
+
+def default_state_dir() -> Path:
+    """Where the scheduler keeps its state unless --state-dir or $ATTNPIPE_SCHEDULER_DIR
+    say otherwise: a per-user folder ($XDG_STATE_HOME/attnpipe/scheduler, by default
+    ~/.local/state/attnpipe/scheduler), the same whatever folder a command runs in and never
+    inside a checkout."""
+    base = os.environ.get("XDG_STATE_HOME", "").strip()
+    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".local" / "state"
+    return root / "attnpipe" / "scheduler"
 
 
 @dataclass
@@ -389,11 +398,11 @@ def _on_event(store: Store) -> Any:
 
 def run_scheduler(state_dir: str | Path, misfire_grace_s: int = 600, poll_s: float = 5.0) -> None:
     """Fire every stored schedule until SIGINT or SIGTERM."""
+    store = Store(state_dir)
+    lock = acquire_lock(store.dir)  # first: a second scheduler learns it at once
     from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
     from apscheduler.schedulers.background import BackgroundScheduler
 
-    store = Store(state_dir)
-    lock = acquire_lock(store.dir)
     _log_to(store.dir / "scheduler.log")
     scheduler = BackgroundScheduler(
         jobstores={"default": SQLAlchemyJobStore(url=f"sqlite:///{store.dir / 'jobstore.db'}")},
@@ -410,8 +419,9 @@ def run_scheduler(state_dir: str | Path, misfire_grace_s: int = 600, poll_s: flo
     try:
         _sync(scheduler, store, misfire_grace_s)
         scheduler.resume()
-        log.info("scheduler running: state in %s, %d schedule(s), misfire grace %ds",
-                 store.dir, len(scheduler.get_jobs()), misfire_grace_s)  # fmt: skip
+        log.info("scheduler running (pid %d; Ctrl-C or `kill %d` stops it): state in %s, "
+                 "%d schedule(s), misfire grace %ds", os.getpid(), os.getpid(), store.dir,
+                 len(scheduler.get_jobs()), misfire_grace_s)  # fmt: skip
         while not stop.wait(poll_s):
             try:
                 _sync(scheduler, store, misfire_grace_s)

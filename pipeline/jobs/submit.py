@@ -3,11 +3,14 @@
 
 A submission carries the resolved spec and the code that runs it. The runtime_env's
 working directory holds the spec (one YAML file), `py_modules` carry this installation's
-`pipeline` and `models` packages, and the entrypoint runs `python -m pipeline.cli run` on
+`pipeline` and `models` packages, and the entrypoint runs `<python> -m pipeline.cli run` on
 the cluster, so the cluster's Python needs attnpipe's dependencies (its image, or `--pip`),
-not attnpipe itself. With `--image` the job runs in that container image instead, which
-must have attnpipe installed: Ray allows no working directory next to an image, so the spec
-travels in an environment variable.
+not attnpipe itself. `<python>` is the interpreter the cluster's Ray runs its workers with
+(the head node's raylet says which), not whatever `python` the head node's PATH finds: a
+cluster started as `.venv/bin/ray start` without activating the environment runs its
+workers in the environment, and its shell's `python` is another one. With `--image` the
+job runs in that container image instead, which must have attnpipe installed: Ray allows
+no working directory next to an image, so the spec travels in an environment variable.
 
 The driver of a Ray job runs on the head node and mostly waits; it reserves no CPU by
 default (`--entrypoint-cpus`), so the workers get all of them.
@@ -19,6 +22,7 @@ import asyncio
 import base64
 import json
 import os
+import shlex
 import tempfile
 import time
 import urllib.error
@@ -26,19 +30,25 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pipeline.config import JobSpec, resolved_yaml
 from pipeline.errors import UserError
+from pipeline.tracking import submission_env, ui_url
 
 SPEC_FILE = "attnpipe-spec.yaml"
 ACTIVE = ("PENDING", "RUNNING")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 PROBE_TIMEOUT_S = 3.0
+# A node's dashboard agent reports its processes every 5 s (REPORTER_UPDATE_INTERVAL_MS):
+# a cluster that has just started may not have told its Python yet.
+PYTHON_WAIT_S = 15.0
+AGENT_WAIT_S = 60.0
 START_LOCAL = (
-    "to start a local cluster: ray start --head --node-ip-address 127.0.0.1 "
-    "--dashboard-host 127.0.0.1, then use --address http://127.0.0.1:8265"
+    "to start one on this machine: RAY_AUTH_MODE=token RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 "
+    "ray start --head --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 (docs/operations.md, "
+    "'A cluster on this machine'), then --address http://127.0.0.1:8265"
 )
 
 
@@ -182,12 +192,55 @@ class Cluster:
         return str(self._call(self.client.get_job_logs, self._checked(sid)))
 
     def submit(self, **kwargs: Any) -> str:
-        """JobSubmissionClient.submit_job; the working dir and modules upload here."""
-        return str(self._call(self.client.submit_job, **kwargs))
+        """JobSubmissionClient.submit_job; the working dir and modules upload here. A cluster
+        that has just started answers "No available agent to submit job" until its head
+        node's agent has registered (the dashboard waits 10 s for it per request); that is
+        retried for AGENT_WAIT_S."""
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                return str(self._call(self.client.submit_job, **kwargs))
+            except UserError as exc:
+                if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(2.0)
 
     def stop(self, sid: str) -> bool:
         self.info(sid)  # an unknown id: one line
         return bool(self._call(self.client.stop_job, sid))
+
+    def worker_python(self, anywhere: bool = False) -> str | None:
+        """The Python the cluster's Ray starts its workers with (each raylet's
+        `--python_worker_command`, in the dashboard's node summary): the head node's, where
+        a job's driver runs; with `anywhere` (a driver that reserves CPUs may run on any
+        node) the one every reporting node shares. None where the dashboard does not say
+        within PYTHON_WAIT_S, or the nodes differ."""
+        deadline = time.monotonic() + PYTHON_WAIT_S
+        while True:
+            found = self._worker_pythons()
+            if any(head for head, _ in found):
+                if not anywhere:
+                    return next(python for head, python in found if head)
+                pythons = {python for _, python in found}
+                return pythons.pop() if len(pythons) == 1 else None
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.5)
+
+    def _worker_pythons(self) -> list[tuple[bool, str]]:
+        """(is the head node, its workers' Python) of every live node that reported."""
+        try:
+            nodes = self._get("/nodes?view=summary")["data"]["summary"]
+        except (UserError, KeyError, TypeError):
+            return []
+        flag, found = "--python_worker_command=", []
+        for node in nodes if isinstance(nodes, list) else []:
+            raylet = node.get("raylet") or {}
+            args = [a for a in node.get("cmdline") or [] if a.startswith(flag)]
+            command = shlex.split(args[0].removeprefix(flag)) if args else []
+            if raylet.get("state") == "ALIVE" and command:
+                found.append((bool(raylet.get("isHeadNode")), command[0]))
+        return found
 
     def total_resources(self) -> dict[str, float] | None:
         """The resources of the cluster's live nodes (Ray's state API), None where the
@@ -239,16 +292,25 @@ def check_resources(
 
 
 def runtime_env(
-    spec: JobSpec, sid: str, stage: Path, image: str | None = None, pip: Sequence[str] = ()
+    spec: JobSpec,
+    sid: str,
+    stage: Path,
+    image: str | None = None,
+    pip: Sequence[str] = (),
+    python: str | None = None,
 ) -> tuple[dict[str, Any], str]:
-    """The runtime_env and entrypoint of a submission; `stage` becomes its working dir."""
+    """The runtime_env and entrypoint of a submission; `stage` becomes its working dir.
+    `python`: the interpreter the cluster runs its workers with; the driver runs in it and
+    its folder leads the job's PATH, as if that environment were activated. None (or
+    --pip, whose virtualenv Ray activates, or --image): `python` from the PATH."""
     import models
     import pipeline
 
     text = resolved_yaml(spec)
     # The training driver tags its MLflow run with this: Ray itself passes the submission id
     # to the driver only inside RAY_JOB_CONFIG_JSON_ENV_VAR.
-    env_vars = {"RAY_JOB_SUBMISSION_ID": sid}
+    # the commit of this checkout: the job's working directory travels without .git
+    env_vars = {"RAY_JOB_SUBMISSION_ID": sid, **submission_env()}
     if image:
         if pip:
             raise UserError("--pip: Ray installs no packages into an --image; build them into it")
@@ -264,6 +326,10 @@ def runtime_env(
     }
     if pip:
         env["pip"] = list(pip)
+    elif python:
+        # Ray expands ${PATH} on the node, to the PATH its raylet runs with
+        env_vars["PATH"] = f"{PurePosixPath(python).parent}:${{PATH}}"
+        return env, f"{shlex.quote(python)} -m pipeline.cli run {SPEC_FILE}"
     return env, f"python -m pipeline.cli run {SPEC_FILE}"
 
 
@@ -276,12 +342,23 @@ def submit_spec(
     pip: Sequence[str] = (),
     entrypoint_cpus: float = 0.0,
     metadata: dict[str, str] | None = None,
+    notes: list[str] | None = None,
 ) -> str:
-    """Submit `spec` under submission id `sid`; AlreadySubmitted where that id exists."""
+    """Submit `spec` under submission id `sid`; AlreadySubmitted where that id exists.
+    What the user should know about how it will run is appended to `notes`."""
     check_runnable(spec)
     total = cluster.total_resources()
     if total is not None:
         check_resources(spec, total, entrypoint_cpus, cluster.address)
+    python = None
+    if not image and not pip:
+        python = cluster.worker_python(anywhere=entrypoint_cpus > 0)
+        if python is None and notes is not None:
+            notes.append(
+                f"the Ray cluster at {cluster.address} did not say which Python runs its "
+                "workers: the job runs `python` from the head node's PATH, which must have "
+                "attnpipe's dependencies (start Ray from that environment, or pass --pip)"
+            )
     tags = {
         "attnpipe.job": spec.job.name,
         "attnpipe.kind": spec.job.kind,
@@ -290,7 +367,7 @@ def submit_spec(
         **(metadata or {}),
     }
     with tempfile.TemporaryDirectory(prefix="attnpipe-submit-") as stage:
-        env, entrypoint = runtime_env(spec, sid, Path(stage), image, pip)
+        env, entrypoint = runtime_env(spec, sid, Path(stage), image, pip, python)
         return cluster.submit(
             entrypoint=entrypoint,
             submission_id=sid,
@@ -348,7 +425,7 @@ def mlflow_link(uri: str | None, experiment: str, sid: str | None = None) -> dic
     query = urllib.parse.urlencode({"experiment_name": experiment})
     found = _mlflow(base, f"/api/2.0/mlflow/experiments/get-by-name?{query}")
     if not found or "experiment" not in found:
-        return {"url": f"{base}/#/experiments"}
+        return {"url": ui_url(base)}
     exp = found["experiment"]["experiment_id"]
     if sid:
         body = {
@@ -359,8 +436,8 @@ def mlflow_link(uri: str | None, experiment: str, sid: str | None = None) -> dic
         runs = (_mlflow(base, "/api/2.0/mlflow/runs/search", body) or {}).get("runs", [])
         if runs:
             run = runs[0]["info"]["run_id"]
-            return {"url": f"{base}/#/experiments/{exp}/runs/{run}", "run_id": run}
-    return {"url": f"{base}/#/experiments/{exp}"}
+            return {"url": ui_url(base, exp, run), "run_id": run}
+    return {"url": ui_url(base, exp)}
 
 
 def _mlflow(base: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any] | None:
