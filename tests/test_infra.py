@@ -614,7 +614,7 @@ def test_deepspeed_preset_loads_in_deepspeeds_config_parser(path):
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_a_spec_naming_a_preset_trains_with_exactly_its_zero_settings(name):
+def test_a_spec_naming_a_preset_builds_a_deepspeed_config_with_exactly_its_zero_settings(name):
     from deepspeed.runtime.config import DeepSpeedConfig
 
     from pipeline.train.deepspeed_config import deepspeed_config
