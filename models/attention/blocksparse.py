@@ -153,23 +153,18 @@ def build_plan(
     device: torch.device | None = None,
     document_ids: Tensor | None = None,  # (B, S)
     key_padding_mask: Tensor | None = None,  # (B, S) bool, True for real tokens
-    allow_band: bool = True,
-    dense_rows: bool = True,
 ) -> BlockSparsePlan:
-    """The plan for one batch: analytic layout, slot lists, and partial-tile masks.
-
-    `allow_band=False` forces explicit slot lists and `dense_rows=False` keeps every row in
-    them (FlexAttention's BlockMask needs both: its rows have their own lengths)."""
+    """The plan for one batch: analytic layout, slot lists, and partial-tile masks."""
     bs = block_size
     n = math.ceil(seq_len / bs)
     layout = pattern.block_layout(seq_len, bs).to(device)  # (Hl, N, N)
     layout = layout.unsqueeze(0)  # (1, Hl, N, N)
     if document_ids is not None:
         layout = layout & _document_tiles(document_ids, seq_len, bs)
-    heavy = _wide_rows(layout) if dense_rows else None
+    heavy = _wide_rows(layout)
     if heavy is not None:  # the slots leave these rows empty: the dense pass computes them
         layout = layout & ~heavy.view(1, 1, n, 1)
-    band = _band(layout) if allow_band else None
+    band = _band(layout)
     if band is not None:
         lead, width = band
         rows = torch.arange(n, device=device).view(1, 1, n, 1)
