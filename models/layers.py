@@ -13,10 +13,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from models.attention import Backend, BatchGeometry
 from models.attention.adaptive_span import AdaptiveSpan
 from models.config import AdaptiveSpanConfig, ModelConfig
+from models.parallel import SequenceParallel
 from models.positional import apply_rope
 
 
@@ -27,6 +29,9 @@ class AttentionBatch:
     geo: BatchGeometry
     prepared: Any  # the backend's mask state for this batch
     rope: tuple[Tensor, Tensor] | None = None  # cos, sin (L, D) at the query positions
+    # sequence parallel: x holds this rank's slice; geo and prepared are the whole
+    # sequence's, for this rank's heads (models/parallel.py)
+    sp: SequenceParallel | None = None
 
 
 @dataclass
@@ -119,11 +124,20 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, *batch.rope), apply_rope(k, *batch.rope)
             if cache is not None:
                 k, v = cache.append(k, v)  # (B, Hkv, T + L, D)
+        sp, heads = batch.sp, slice(None)
+        if sp is not None:  # trade this rank's slice of every head for all of its own heads
+            q, k, v = sp.to_heads(q), sp.to_heads_kv(k), sp.to_heads_kv(v)  # (B, H/P, S, D)
+            heads = sp.heads(self.n_heads)
         if self.span is not None:  # learned spans decide which keys are scored
-            out = self.span.attend(q, k, v, batch.geo.q_offset, self.backend.block_size)
+            block = self.backend.block_size
+            out = self.span.attend(q, k, v, batch.geo.q_offset, block, heads)
         else:
             dropout_p = self.dropout if self.training else 0.0
             out = self.backend.attend(q, k, v, batch.prepared, dropout_p)  # (B, H, L, D)
+        if sp is not None:
+            out = sp.to_sequence(out)  # (B, H, S/P, D)
+        if self.capture and sp is not None:
+            raise ValueError("attention maps are drawn without sequence parallelism")
         if self.capture:
             probs = (
                 self.span.probs(q, k, batch.geo.q_offset)
@@ -169,6 +183,7 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        self.mlp_chunk_tokens: int | None = None  # set by models.transformer.set_mlp_chunking
 
     def forward(
         self,
@@ -185,4 +200,20 @@ class Block(nn.Module):
                 raise ValueError("a block with cross-attention needs the encoder's output")
             h = self.cross_attn(self.cross_norm(x), cross_batch, memory=memory, cache=cross_cache)
             x = x + self.drop(h)
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        return x + self.drop(self._feed_forward(x))
+
+    def _feed_forward(self, x: Tensor) -> Tensor:
+        """The MLP on its norm, position by position: in chunks of mlp_chunk_tokens along the
+        sequence when set (tiled MLP), each recomputed in backward, so only the chunk's
+        (L, ffn_dim) activations live at once."""
+        chunk = self.mlp_chunk_tokens
+        if chunk is None or chunk >= x.shape[1] or not torch.is_grad_enabled():
+            return self.mlp(self.mlp_norm(x))
+        parts = [
+            checkpoint(self._norm_mlp, x[:, i : i + chunk], use_reentrant=False)
+            for i in range(0, x.shape[1], chunk)
+        ]
+        return torch.cat(parts, dim=1)
+
+    def _norm_mlp(self, x: Tensor) -> Tensor:
+        return self.mlp(self.mlp_norm(x))

@@ -18,14 +18,18 @@ from torch.utils.checkpoint import checkpoint
 from models.attention import (
     PATTERNS,
     AttentionSpecError,
+    Backend,
     BatchGeometry,
     Dense,
     Pattern,
     make_backend,
     make_pattern,
 )
+from models.attention.patterns import head_slice
 from models.config import AttentionConfig, ModelConfig
 from models.layers import AttentionBatch, Block, KVCache, make_norm
+from models.loss import LMHead
+from models.parallel import SequenceParallel
 from models.positional import LearnedPositions, SinusoidalPositions, alibi_slopes, rope_cos_sin
 
 
@@ -94,10 +98,21 @@ class TransformerStack(nn.Module):
         self.norm = make_norm(cfg)
         self.cross_backend = cross_backend
         self.rope_theta = cfg.rope_theta if cfg.positional == "rope" else None
-        self.head_dim = cfg.head_dim
+        self.head_dim, self.n_heads = cfg.head_dim, cfg.n_heads
         slopes = alibi_slopes(cfg.n_heads) if cfg.positional == "alibi" else None
         self.register_buffer("alibi", slopes, persistent=False)
         self.activation_checkpointing = False  # set_activation_checkpointing() turns it on
+        # sequence parallelism (models/parallel.py): the group, and the backend of this
+        # rank's heads, whose per-batch mask covers the whole sequence
+        self.sp: SequenceParallel | None = None
+        self.sp_backend: Backend | None = None
+
+    def set_sequence_parallel(self, sp: SequenceParallel | None) -> None:
+        self.sp = sp
+        self.sp_backend = None
+        if sp is not None:
+            pattern = head_slice(self.pattern, sp.heads(self.n_heads))
+            self.sp_backend = make_backend(self.backend.name, pattern, self.backend.block_size)
 
     def attention_batch(
         self,
@@ -107,21 +122,33 @@ class TransformerStack(nn.Module):
         like: Tensor,
         document_ids: Tensor | None = None,
     ) -> AttentionBatch:
-        """The per-batch mask and rotary angles for self-attention over q_offset + q_len keys."""
+        """The per-batch mask and rotary angles for self-attention over q_offset + q_len keys.
+
+        Sequence parallel, q_len is the whole sequence (its padding mask and document ids
+        too), `like` this rank's slice: the mask is the whole sequence's for this rank's
+        heads, the rotary angles those of the slice's positions."""
+        sp, backend, slopes = self.sp, self.backend, self.alibi
+        first, last = q_offset, q_offset + q_len  # the positions this rank embeds
+        if sp is not None:
+            if q_offset:
+                raise ValueError("sequence parallelism trains and evaluates; it does not decode")
+            assert self.sp_backend is not None
+            backend, (first, last) = self.sp_backend, sp.span(q_len)
+            slopes = slopes[sp.heads(self.n_heads)] if slopes is not None else None
         geo = BatchGeometry(
             q_len=q_len,
             kv_len=q_offset + q_len,
             q_offset=q_offset,
             key_padding_mask=key_padding_mask,
-            alibi_slopes=self.alibi,
+            alibi_slopes=slopes,
             device=like.device,
             document_ids=document_ids,
         )
         rope = None
         if self.rope_theta is not None:
-            positions = torch.arange(q_offset, q_offset + q_len, device=like.device)
+            positions = torch.arange(first, last, device=like.device)
             rope = rope_cos_sin(positions, self.head_dim, self.rope_theta)
-        return AttentionBatch(geo, self.backend.prepare(geo, like.dtype), rope)
+        return AttentionBatch(geo, backend.prepare(geo, like.dtype), rope, sp)
 
     def cross_batch(
         self, q_len: int, memory: Tensor, memory_padding_mask: Tensor | None
@@ -193,7 +220,7 @@ class DecoderLM(nn.Module):
         self.cfg = cfg
         self.embed = Embedder(cfg)
         self.decoder = TransformerStack(cfg, attention, cfg.n_layers, causal=True)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.tokens.weight
         init_weights(self, cfg, cfg.n_layers)
@@ -204,15 +231,21 @@ class DecoderLM(nn.Module):
         key_padding_mask: Tensor | None = None,  # (B, S) bool, True for real tokens
         cache: KVCache | None = None,
         document_ids: Tensor | None = None,  # (B, S) packed documents, ascending ids
+        labels: Tensor | None = None,  # (B, S) next-token targets, -100 where none
     ) -> Tensor:
+        """The logits (B, S, V); with labels, the summed cross-entropy (a 0-d fp32 tensor).
+        Sequence parallel: whole sequences in, this rank's slice's logits or loss out."""
         offset = cache.length if cache is not None else 0
         if cache is not None and (key_padding_mask is not None or document_ids is not None):
             raise ValueError("KV-cache decoding takes unpadded, single-document prompts")
-        x = self.embed(input_ids, offset)
+        ids, labels = _local(self.decoder.sp, input_ids, labels)
+        if self.decoder.sp is not None and cache is None:
+            offset = self.decoder.sp.span(input_ids.shape[1])[0]  # embed at global positions
+        x = self.embed(ids, offset)
         batch = self.decoder.attention_batch(
-            input_ids.shape[1], offset, key_padding_mask, x, document_ids
+            input_ids.shape[1], 0 if self.decoder.sp else offset, key_padding_mask, x, document_ids
         )
-        return self.lm_head(self.decoder(x, batch, cache=cache))  # (B, S, V)
+        return self.lm_head(self.decoder(x, batch, cache=cache), labels)  # (B, S, V) or loss
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.decoder.blocks))
@@ -229,7 +262,7 @@ class EncoderMLM(nn.Module):
         self.encoder = TransformerStack(cfg, attention, cfg.n_layers, causal=False)
         self.head_transform = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.head_norm = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.bias)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=cfg.bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.tokens.weight
         init_weights(self, cfg, cfg.n_layers)
@@ -240,8 +273,11 @@ class EncoderMLM(nn.Module):
         key_padding_mask: Tensor | None = None,
         document_ids: Tensor | None = None,
     ) -> Tensor:
-        """(B, S) token ids -> (B, S, C) contextual states."""
-        x = self.embed(input_ids)
+        """(B, S) token ids -> (B, S, C) contextual states (sequence parallel: of this
+        rank's slice)."""
+        sp = self.encoder.sp
+        ids, _ = _local(sp, input_ids, None)
+        x = self.embed(ids, sp.span(input_ids.shape[1])[0] if sp is not None else 0)
         batch = self.encoder.attention_batch(
             input_ids.shape[1], 0, key_padding_mask, x, document_ids
         )
@@ -252,10 +288,12 @@ class EncoderMLM(nn.Module):
         input_ids: Tensor,
         key_padding_mask: Tensor | None = None,
         document_ids: Tensor | None = None,
+        labels: Tensor | None = None,  # (B, S) the masked tokens, -100 elsewhere
     ) -> Tensor:
+        """The logits (B, S, V); with labels, the summed cross-entropy (0-d fp32)."""
         h = self.encode(input_ids, key_padding_mask, document_ids)
         h = self.head_norm(nn.functional.gelu(self.head_transform(h)))
-        return self.lm_head(h)  # (B, S, V)
+        return self.lm_head(h, _local(self.encoder.sp, None, labels)[1])  # (B, S, V) or loss
 
 
 class EncoderDecoderLM(nn.Module):
@@ -268,7 +306,7 @@ class EncoderDecoderLM(nn.Module):
         self.embed = Embedder(cfg)  # shared by source and target, as in the paper
         self.encoder = TransformerStack(cfg, attention, cfg.encoder_layers, causal=False)
         self.decoder = TransformerStack(cfg, attention, cfg.decoder_layers, causal=True, cross=True)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.tokens.weight
         init_weights(self, cfg, max(cfg.encoder_layers, cfg.decoder_layers))
@@ -285,12 +323,14 @@ class EncoderDecoderLM(nn.Module):
         src_padding_mask: Tensor | None = None,
         tgt_padding_mask: Tensor | None = None,
         cache: KVCache | None = None,
+        labels: Tensor | None = None,
     ) -> Tensor:
         offset = cache.length if cache is not None else 0
         x = self.embed(tgt_ids, offset)
         batch = self.decoder.attention_batch(tgt_ids.shape[1], offset, tgt_padding_mask, x)
         cross = self.decoder.cross_batch(tgt_ids.shape[1], memory, src_padding_mask)
-        return self.lm_head(self.decoder(x, batch, cross, memory, cache))  # (B, S, V)
+        h = self.decoder(x, batch, cross, memory, cache)
+        return self.lm_head(h, labels)  # (B, S, V), or the summed loss with labels
 
     def forward(
         self,
@@ -298,9 +338,11 @@ class EncoderDecoderLM(nn.Module):
         tgt_ids: Tensor,
         src_padding_mask: Tensor | None = None,
         tgt_padding_mask: Tensor | None = None,
+        labels: Tensor | None = None,  # (B, S) next target tokens, -100 where none
     ) -> Tensor:
+        """The logits (B, S, V); with labels, the summed cross-entropy (0-d fp32)."""
         memory = self.encode(src_ids, src_padding_mask)
-        return self.decode(tgt_ids, memory, src_padding_mask, tgt_padding_mask)
+        return self.decode(tgt_ids, memory, src_padding_mask, tgt_padding_mask, labels=labels)
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.decoder.blocks), cross=True)
@@ -319,6 +361,34 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool = True) -> None
     for stack in model.modules():
         if isinstance(stack, TransformerStack):
             stack.activation_checkpointing = enabled
+
+
+def set_loss_chunking(model: nn.Module, tokens: int | None) -> None:
+    """Compute the LM head and its loss `tokens` at a time (models/loss.py): the logits of the
+    whole batch are never built. None: all at once."""
+    for head in model.modules():
+        if isinstance(head, LMHead):
+            head.chunk_tokens = tokens
+
+
+def set_mlp_chunking(model: nn.Module, tokens: int | None) -> None:
+    """Tiled MLP: each block's feed-forward `tokens` at a time, recomputed in backward
+    (models/layers.py Block). None: the whole sequence at once."""
+    for block in model.modules():
+        if isinstance(block, Block):
+            block.mlp_chunk_tokens = tokens
+
+
+def _local(
+    sp: SequenceParallel | None, ids: Tensor | None, labels: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """This rank's slices of whole-sequence ids and labels (both unchanged without sp)."""
+    if sp is None:
+        return ids, labels
+    return (
+        sp.local(ids) if ids is not None else None,
+        sp.local(labels) if labels is not None else None,
+    )
 
 
 def build_model(cfg: ModelConfig, attention: AttentionConfig | None = None) -> nn.Module:

@@ -341,3 +341,45 @@ def test_test_size_model_overfits_a_fixed_batch(family):
         opt.step()
     assert first > 5.5  # about ln(512) = 6.24 at initialisation
     assert loss.item() < 0.2, f"{family} did not overfit: loss {loss.item():.3f}"
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder", "encoder_decoder"])
+def test_chunked_loss_and_tiled_mlp_equal_the_whole_sequence(family):
+    """loss_chunk_tokens (the head and cross-entropy by chunks, never the whole logits) and
+    mlp_chunk_tokens (tiled MLP) give the same loss and gradients as computing it at once,
+    with chunks that do not divide the tokens, ignored targets and tied weights."""
+    from models.config import ModelConfig
+    from models.transformer import build_model, set_loss_chunking, set_mlp_chunking
+
+    cfg = ModelConfig(
+        family=family, vocab_size=97, d_model=32, n_layers=2, n_heads=4, max_seq_len=64
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg).double()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 97, (2, 40), generator=g)
+    labels = torch.randint(0, 97, (2, 40), generator=g)
+    labels[0, 5:9] = -100
+    args = (ids, ids[:, :30]) if family == "encoder_decoder" else (ids,)
+    if family == "encoder_decoder":
+        labels = labels[:, :30]
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(*args, labels=labels)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    logits = model(*args)
+    expected = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+    )
+    loss, grads = loss_and_grads()
+    assert torch.allclose(loss, expected, rtol=1e-12)
+    set_loss_chunking(model, 7)
+    set_mlp_chunking(model, 9)
+    chunked, chunked_grads = loss_and_grads()
+    assert torch.allclose(chunked, loss, rtol=1e-12)
+    for n, grad in grads.items():
+        assert torch.allclose(chunked_grads[n], grad, rtol=1e-9, atol=1e-12), n
+    assert torch.allclose(model(*args), logits, rtol=1e-12, atol=1e-14)  # no labels: logits

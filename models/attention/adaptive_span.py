@@ -37,14 +37,14 @@ class AdaptiveSpan(nn.Module):
         """(H,) current spans in tokens."""
         return self.fraction.clamp(0.0, 1.0) * self.max_span
 
-    def window(self) -> int:
-        """Keys back that can get any weight: the largest span plus the ramp."""
-        largest = float(self.spans().detach().max())  # one host sync per layer and batch
+    def window(self, heads: slice = slice(None)) -> int:
+        """Keys back that can get any weight: the largest span (of `heads`) plus the ramp."""
+        largest = float(self.spans()[heads].detach().max())  # a host sync per layer and batch
         return min(self.max_span + self.ramp, math.ceil(largest + self.ramp))
 
-    def soft_mask(self, distance: Tensor) -> Tensor:
-        """(H, ...) m(x) for distances x = q - k (causal: x < 0 gets 0)."""
-        z = self.spans().view(-1, *([1] * distance.dim()))
+    def soft_mask(self, distance: Tensor, heads: slice = slice(None)) -> Tensor:
+        """(H, ...) m(x) for distances x = q - k (causal: x < 0 gets 0), for `heads`."""
+        z = self.spans()[heads].view(-1, *([1] * distance.dim()))
         m = ((self.ramp + z - distance) / self.ramp).clamp(0.0, 1.0)
         return m * (distance >= 0)
 
@@ -57,17 +57,26 @@ class AdaptiveSpan(nn.Module):
         """Keep spans in [0, max_span] after an optimizer step, as the paper does."""
         self.fraction.clamp_(0.0, 1.0)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int = 0, block: int = 64) -> Tensor:
-        """q (B, H, Lq, D) at positions q_offset.., k and v (B, Hkv, Lk, D) -> (B, H, Lq, D)."""
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        q_offset: int = 0,
+        block: int = 64,
+        heads: slice = slice(None),
+    ) -> Tensor:
+        """q (B, H, Lq, D) at positions q_offset.., k and v (B, Hkv, Lk, D) -> (B, H, Lq, D).
+        `heads`: which of the module's heads q holds (a sequence-parallel rank's share)."""
         k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
-        window, scale = self.window(), 1.0 / math.sqrt(q.shape[-1])
+        window, scale = self.window(heads), 1.0 / math.sqrt(q.shape[-1])
         outs = []
         for start in range(0, q.shape[2], block):
             stop = min(q.shape[2], start + block)
             first = max(0, q_offset + start - window)  # keys beyond the window weigh 0
             last = q_offset + stop  # causal: keys up to the block's last query
             p = self._weights(
-                q[:, :, start:stop], k[:, :, first:last], q_offset + start, first, scale
+                q[:, :, start:stop], k[:, :, first:last], q_offset + start, first, scale, heads
             )
             outs.append(p @ v[:, :, first:last])
         return torch.cat(outs, dim=2)
@@ -77,10 +86,18 @@ class AdaptiveSpan(nn.Module):
         k = _repeat_kv(k, q.shape[1])
         return self._weights(q, k, q_offset, 0, 1.0 / math.sqrt(q.shape[-1]))
 
-    def _weights(self, q: Tensor, k: Tensor, q_pos: int, k_pos: int, scale: float) -> Tensor:
+    def _weights(
+        self,
+        q: Tensor,
+        k: Tensor,
+        q_pos: int,
+        k_pos: int,
+        scale: float,
+        heads: slice = slice(None),
+    ) -> Tensor:
         qi = torch.arange(q_pos, q_pos + q.shape[2], device=q.device)
         ki = torch.arange(k_pos, k_pos + k.shape[2], device=q.device)
-        m = self.soft_mask((qi[:, None] - ki[None, :]).float())  # (H, L, W)
+        m = self.soft_mask((qi[:, None] - ki[None, :]).float(), heads)  # (H, L, W)
         s = (q @ k.transpose(-1, -2)).float() * scale  # (B, H, L, W)
         s = s.masked_fill(m == 0, float("-inf"))
         e = torch.exp(s - s.amax(dim=-1, keepdim=True)) * m  # m(x) exp(s), stable

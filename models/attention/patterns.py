@@ -815,3 +815,58 @@ class Variable(Pattern):
             return self._block_rule(qb, kb, tables)
 
         return _block_rule_tiles(rule, self.block, self.causal, t)
+
+
+@dataclass(frozen=True)
+class HeadSlice(Pattern):
+    """Heads [start, stop) of a pattern with per-head layouts: what one rank of a
+    sequence-parallel group computes, its backend seeing the whole sequence for its own
+    heads (models/parallel.py). Its layouts, rule and mask are the base pattern's for those
+    heads, exactly; `head_slice` returns a shared-layout pattern unchanged."""
+
+    name: ClassVar[str] = "head_slice"
+    base: Pattern
+    start: int
+    stop: int
+
+    @property
+    def causal(self) -> bool:  # type: ignore[override]
+        return self.base.causal
+
+    @property
+    def prefix(self) -> int:  # type: ignore[override]
+        return self.base.prefix
+
+    @property
+    def is_dense(self) -> bool:
+        return self.base.is_dense
+
+    @property
+    def n_heads(self) -> int:
+        return self.stop - self.start
+
+    def validate(self, seq_len: int) -> None:
+        self.base.validate(seq_len)
+
+    def _tables(self, seq_len: int | None, device: torch.device) -> Tables:
+        # the first head's index as a tensor: the rule adds it to local head indices (or
+        # uses it alone when one head is left and callers pass h=None), and still traces
+        head0 = torch.tensor(self.start, device=device)
+        return {**self.base._tables(seq_len, device), "head0": head0}
+
+    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, tables: Tables) -> Tensor:
+        head0 = _on(tables["head0"], q)
+        return self.base._rule(head0 if h is None else h.to(q.device) + head0, q, k, tables)
+
+    def _tiles(self, t: Tiles) -> Tensor:
+        grid = self.base._tiles(t)
+        return grid[self.start : self.stop] if grid.dim() == 3 else grid
+
+
+def head_slice(pattern: Pattern, heads: slice) -> Pattern:
+    """`pattern` for the heads in `heads` (a slice of range(n_heads)): itself when every head
+    shares one layout."""
+    if pattern.n_heads == 1:
+        return pattern
+    start, stop, _ = heads.indices(pattern.n_heads)
+    return HeadSlice(pattern, start, stop)
