@@ -205,7 +205,7 @@ class TrainingNode(_Node):
         None,
         ge=1,
         description="Micro batches per step; if set, must be "
-        "global_batch_size / (micro_batch_size * num_workers)",
+        "global_batch_size / (micro_batch_size * data-parallel workers)",
     )
     optimizer: OptimizerNode = Field(
         default_factory=OptimizerNode, description="The optimizer and its settings"
@@ -221,6 +221,18 @@ class TrainingNode(_Node):
     )
     activation_checkpointing: bool = Field(
         False, description="Recompute each block's activations in the backward pass (less memory)"
+    )
+    loss_chunk_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens per chunk of the LM head and cross-entropy, each recomputed in the "
+        "backward pass: the (batch, seq, vocab) logits are never built; none: all at once",
+    )
+    mlp_chunk_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Tiled MLP: tokens per chunk of each block's feed-forward, recomputed in the "
+        "backward pass (for very long sequences); none: the whole sequence at once",
     )
     checkpoint_interval: int = Field(
         500, ge=1, description="Save a checkpoint every this many steps, and at the end"
@@ -288,7 +300,14 @@ class DeepSpeedNode(_Node):
 
 
 class ResourcesNode(_Node):
-    num_workers: int = Field(2, ge=1, description="Data-parallel training workers (Ray Train)")
+    num_workers: int = Field(2, ge=1, description="Training workers (Ray Train)")
+    sequence_parallel: int = Field(
+        1,
+        ge=1,
+        description="Workers that share each sequence (Ulysses sequence parallelism): groups "
+        "of this many consecutive ranks, each holding a slice; data-parallel size = "
+        "num_workers / sequence_parallel",
+    )
     gpus_per_worker: float = Field(
         0, ge=0, description="GPUs per worker; 0: train on CPU (gloo), else on GPU (NCCL)"
     )
@@ -551,18 +570,26 @@ class JobSpec(_Node):
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
         t, r = self.training, self.resources
-        per_step = t.micro_batch_size * r.num_workers
+        self._check_sequence_parallel()
+        dp = self.data_parallel_size
+        workers = (
+            f"resources.num_workers ({r.num_workers})"
+            if r.sequence_parallel == 1
+            else f"data-parallel workers ({r.num_workers} / sequence_parallel "
+            f"{r.sequence_parallel} = {dp})"
+        )
+        per_step = t.micro_batch_size * dp
         if t.global_batch_size % per_step:
             raise FieldError(
                 "training.global_batch_size",
                 f"{t.global_batch_size} is not a multiple of training.micro_batch_size "
-                f"({t.micro_batch_size}) x resources.num_workers ({r.num_workers})",
+                f"({t.micro_batch_size}) x {workers}",
             )
         if t.grad_accum_steps is not None and t.grad_accum_steps * per_step != t.global_batch_size:
             raise FieldError(
                 "training.grad_accum_steps",
-                f"{t.grad_accum_steps} x micro_batch_size {t.micro_batch_size} x num_workers "
-                f"{r.num_workers} != global_batch_size {t.global_batch_size}",
+                f"{t.grad_accum_steps} x micro_batch_size {t.micro_batch_size} x {workers} "
+                f"!= global_batch_size {t.global_batch_size}",
             )
         if t.lr_schedule.warmup_steps > t.steps:
             raise FieldError(
@@ -589,10 +616,47 @@ class JobSpec(_Node):
             variant_specs(self)  # each variant must be a valid job
         return self
 
+    def _check_sequence_parallel(self) -> None:
+        """sequence_parallel P splits each sequence over P workers and each layer's heads
+        over the same P (Ulysses): P must divide the workers, the tokens a model sees per
+        sample and the heads; key/value heads divide by P, or P by them (then each rank
+        gets a copy of its group's key/value head)."""
+        p, r = self.resources.sequence_parallel, self.resources
+        if p == 1:
+            return
+        key = "resources.sequence_parallel"
+        arch = self.model.architecture()
+        if arch.family == "encoder_decoder":
+            raise FieldError(
+                key,
+                f"{p}: sequence parallelism is for the decoder and the encoder; the "
+                "encoder-decoder trains with sequence_parallel 1",
+            )
+        checks = [
+            (r.num_workers, f"resources.num_workers ({r.num_workers})"),
+            (self.data.seq_len, f"data.seq_len ({self.data.seq_len})"),
+            (arch.n_heads, f"model.n_heads ({arch.n_heads})"),
+        ]
+        for value, what in checks:
+            if value % p:
+                raise FieldError(key, f"{p} does not divide {what}")
+        kv = arch.kv_heads
+        if kv % p and p % kv:
+            raise FieldError(
+                key,
+                f"{p} and model.n_kv_heads ({kv}) must divide one another (each rank takes "
+                "kv_heads / P key/value heads, or a copy of one)",
+            )
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Groups of workers that each train on their own samples."""
+        return self.resources.num_workers // self.resources.sequence_parallel
+
     @property
     def grad_accum_steps(self) -> int:
         t = self.training
-        return t.global_batch_size // (t.micro_batch_size * self.resources.num_workers)
+        return t.global_batch_size // (t.micro_batch_size * self.data_parallel_size)
 
 
 def spec_warnings(spec: JobSpec) -> list[str]:

@@ -51,6 +51,10 @@ def test_validate_json_output():
         (["jobs/decoder-tiny.yaml", "training.lrr=1"], "did you mean 'training.optimizer.lr'"),
         (["jobs/decoder-tiny.yaml", "model.n_heads=5"], "n_heads=5 does not divide d_model=64"),
         (["jobs/decoder-tiny.yaml", "deepspeed.zero_stage=9"], "deepspeed.zero_stage"),
+        (
+            ["jobs/decoder-tiny.yaml", "resources.sequence_parallel=3"],
+            "resources.sequence_parallel: 3 does not divide resources.num_workers (2)",
+        ),
         (["tests/data/malformed.yaml"], "malformed YAML"),
         (["jobs/decoder-tiny.yaml", "--format", "xml"], "--format: expected yaml or json"),
     ],

@@ -185,7 +185,40 @@ BAD = [
     ("{}\n", ["model.n_heads=7"], ["override 'model.n_heads=7'", "does not divide"]),
     ("{}\n", ["nonsense"], ["override 'nonsense'", "expected key.path=value"]),
     ("{}\n", ["model.preset=tinny"], ["model.preset", "did you mean 'tiny'"]),
-]
+    (
+        "{}\n",
+        ["resources.num_workers=3", "resources.sequence_parallel=2", "training.micro_batch_size=1"],
+        ["resources.sequence_parallel", "2 does not divide resources.num_workers (3)"],
+    ),
+    (
+        "model:\n  preset: tiny\n",
+        ["resources.num_workers=8", "resources.sequence_parallel=8"],
+        ["resources.sequence_parallel", "8 does not divide model.n_heads (4)"],
+    ),
+    (
+        "data:\n  seq_len: 100\nmodel:\n  preset: tiny\n",
+        ["resources.num_workers=8", "resources.sequence_parallel=8", "model.n_heads=8"],
+        ["resources.sequence_parallel", "8 does not divide data.seq_len (100)"],
+    ),
+    (
+        "model:\n  preset: tiny\n  n_heads: 8\n  n_kv_heads: 2\n",
+        ["resources.num_workers=6", "resources.sequence_parallel=3", "data.seq_len=96",
+         "training.micro_batch_size=4", "training.global_batch_size=8", "model.n_heads=6",
+         "model.d_model=72"],
+        ["resources.sequence_parallel", "3 and model.n_kv_heads (2) must divide one another"],
+    ),
+    (
+        "model:\n  family: encoder_decoder\n  preset: tiny\n",
+        ["resources.sequence_parallel=2"],
+        ["resources.sequence_parallel", "the encoder-decoder trains with sequence_parallel 1"],
+    ),
+    (
+        "{}\n",
+        ["resources.num_workers=4", "resources.sequence_parallel=2", "training.micro_batch_size=4",
+         "training.global_batch_size=12"],
+        ["training.global_batch_size", "data-parallel workers (4 / sequence_parallel 2 = 2)"],
+    ),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("text,overrides,fragments", BAD, ids=[b[2][1] for b in BAD])

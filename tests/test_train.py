@@ -83,6 +83,13 @@ def batch_of(tokens: list[list[int]], docs: list[list[int]]) -> np.ndarray:
     return np.stack([np.array(tokens, dtype=np.uint32), np.array(docs, dtype=np.uint32)], axis=1)
 
 
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """What a model's forward returns given labels: the summed cross-entropy."""
+    return torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+    )
+
+
 def test_causal_lm_objective_shifts_and_ignores_padding():
     from pipeline.data.shards import PAD_DOC
 
@@ -93,9 +100,9 @@ def test_causal_lm_objective_shifts_and_ignores_padding():
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(()))
 
-        def forward(self, ids, key_padding_mask=None, document_ids=None):
-            seen.update(ids=ids, kpm=key_padding_mask, docs=document_ids)
-            return torch.zeros(*ids.shape, 10) + self.w
+        def forward(self, ids, key_padding_mask=None, document_ids=None, labels=None):
+            seen.update(ids=ids, kpm=key_padding_mask, docs=document_ids, labels=labels)
+            return summed_loss(torch.zeros(*ids.shape, 10) + self.w, labels)
 
     pad = int(PAD_DOC)
     batch = batch_of([[5, 6, 0, 7, 1, 1]], [[0, 0, 0, 1, pad, pad]])
@@ -103,6 +110,7 @@ def test_causal_lm_objective_shifts_and_ignores_padding():
     loss, count = obj.loss(Probe(), batch)
     assert seen["ids"].tolist() == [[5, 6, 0, 7, 1]]
     assert seen["docs"].tolist() == [[0, 0, 0, 1, pad]]
+    assert seen["labels"].tolist() == [[6, 0, 7, -100, -100]]
     assert count == 3  # targets 6, 0, 7; the two padding targets are ignored
     assert float(loss.detach()) == pytest.approx(3 * math.log(10))
 
@@ -135,9 +143,9 @@ def test_seq2seq_objective_feeds_source_and_shifted_target():
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(()))
 
-        def forward(self, src, tgt, src_padding_mask=None, tgt_padding_mask=None):
-            seen.update(src=src, tgt=tgt, smask=src_padding_mask)
-            return torch.zeros(*tgt.shape, 10) + self.w
+        def forward(self, src, tgt, src_padding_mask=None, tgt_padding_mask=None, labels=None):
+            seen.update(src=src, tgt=tgt, smask=src_padding_mask, labels=labels)
+            return summed_loss(torch.zeros(*tgt.shape, 10) + self.w, labels)
 
     pad = int(PAD_DOC)
     # source (3): 5, EOD, PAD; target region (4): BOS, 8, EOD, PAD
@@ -146,6 +154,7 @@ def test_seq2seq_objective_feeds_source_and_shifted_target():
     _, count = obj.loss(Probe(), batch)
     assert seen["src"].tolist() == [[5, 0, 1]] and seen["smask"].tolist() == [[True, True, False]]
     assert seen["tgt"].tolist() == [[2, 8, 0]]
+    assert seen["labels"].tolist() == [[8, 0, -100]]
     assert count == 2  # predicts 8 and EOD
 
 

@@ -11,12 +11,15 @@ from pipeline.config import JobSpec, ScheduleLRNode
 
 
 def deepspeed_config(spec: JobSpec, world_size: int | None = None) -> dict[str, Any]:
-    """A DeepSpeed config dict for `spec` on `world_size` data-parallel workers (default:
-    resources.num_workers)."""
+    """A DeepSpeed config dict for `spec` on `world_size` workers (default:
+    resources.num_workers). With sequence parallelism DeepSpeed still sees every worker as a
+    data-parallel rank (it averages gradients over all of them: the loss is scaled for it,
+    pipeline/train/objectives.py), so its batch counts each group's samples P times."""
     t, ds = spec.training, spec.deepspeed
     world = world_size or spec.resources.num_workers
     per_step = t.micro_batch_size * world
-    accum = t.global_batch_size // per_step
+    data_parallel = world // spec.resources.sequence_parallel
+    accum = t.global_batch_size // (t.micro_batch_size * data_parallel)
     opt = t.optimizer
     offload_opt = ds.offload_optimizer
     stage = zero_stage(spec)

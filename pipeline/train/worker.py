@@ -101,14 +101,29 @@ class Worker:
         self.manifest = read_manifest(self.data_dir)
         self.events = Path(cfg.run_dir) / "events.jsonl"
         self.metrics = None
+        # sequence parallelism: groups of sp_size consecutive ranks share each sample; the
+        # data-parallel rank (which samples) is the group's
+        self.sp_size = self.spec.resources.sequence_parallel
+        self.dp_rank, self.dp_world = rank // self.sp_size, world // self.sp_size
+        self.sp: Any = None  # models.parallel.SequenceParallel, made in build()
 
     # ------------------------------------------------------------------ set-up
 
     def build(self) -> None:
         import deepspeed
 
+        from models.parallel import sequence_groups
+
+        self.sp = sequence_groups(self.sp_size)  # every rank creates every group
+
         from models.attention.adaptive_span import span_modules
-        from models.transformer import build_model, set_activation_checkpointing
+        from models.parallel import set_sequence_parallel
+        from models.transformer import (
+            build_model,
+            set_activation_checkpointing,
+            set_loss_chunking,
+            set_mlp_chunking,
+        )
 
         spec, t = self.spec, self.spec.training
         torch.manual_seed(t.seed)  # the same initial weights on every rank
@@ -116,6 +131,9 @@ class Worker:
         if self.cfg.init_from:  # warm start; a resume then overrides it
             model.load_state_dict(_exported_weights(self.cfg.init_from))
         set_activation_checkpointing(model, t.activation_checkpointing)
+        set_loss_chunking(model, t.loss_chunk_tokens)
+        set_mlp_chunking(model, t.mlp_chunk_tokens)
+        set_sequence_parallel(model, self.sp)
         self.spans = span_modules(model)
         named = list(model.named_parameters())
         decay = [(n, p) for n, p in named if p.dim() >= 2]
@@ -145,7 +163,7 @@ class Worker:
         self.own_grad_norm = isinstance(self.engine.optimizer, torch.optim.Optimizer)
         self.grad_norm: torch.Tensor | None = None
         self.reader = ShardReader(
-            self.data_dir, "train", seed=t.seed, rank=self.rank, world_size=self.world
+            self.data_dir, "train", seed=t.seed, rank=self.dp_rank, world_size=self.dp_world
         )
         self.objective = Objective(
             family=spec.model.family,
@@ -154,6 +172,8 @@ class Worker:
             mlm_probability=t.mlm_probability,
             max_source_len=self.manifest.get("max_source_len"),
             vocab_size=self.manifest["vocab_size"],
+            sp_rank=self.rank % self.sp_size,
+            sp_size=self.sp_size,
         )
         seq = self.manifest["seq_len"]
         self.tokens_per_step = t.global_batch_size * seq
@@ -238,11 +258,11 @@ class Worker:
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for micro in range(self.accum):
             batch = self.reader.next_batch(t.micro_batch_size)
+            # seeded by the data-parallel rank: the ranks sharing a sample corrupt it alike
             gen = torch.Generator().manual_seed(
-                ((t.seed * 1_000_003 + step) * 1_009 + micro) * 4_099 + self.rank
+                ((t.seed * 1_000_003 + step) * 1_009 + micro) * 4_099 + self.dp_rank
             )
-            loss_sum, count = self.objective.loss(self.engine, batch, gen)
-            loss = loss_sum / max(count, 1)
+            loss = self.objective.loss_parts(self.engine, batch, gen).mean(self.sp_size)
             if self.spans:
                 coef = self.spec.attention.adaptive_span.loss_coefficient  # type: ignore[union-attr]
                 loss = loss + coef * sum(m.penalty() for m in self.spans)
@@ -306,12 +326,12 @@ class Worker:
             self.data_dir,
             "val",
             seed=t.seed,
-            rank=self.rank,
-            world_size=self.world,
+            rank=self.dp_rank,
+            world_size=self.dp_world,
             shuffle=False,
             verify=False,
         )
-        per_step = t.micro_batch_size * self.world
+        per_step = t.micro_batch_size * self.dp_world
         batches = min(t.eval_batches, max(1, len(reader) // per_step))
         was_training = self.engine.module.training
         self.engine.module.eval()
@@ -319,11 +339,12 @@ class Worker:
         count_total = 0
         for i in range(batches):
             batch = reader.next_batch(t.micro_batch_size)
-            gen = torch.Generator().manual_seed(t.seed * 7_919 + i * 31 + self.rank)
+            gen = torch.Generator().manual_seed(t.seed * 7_919 + i * 31 + self.dp_rank)
             loss_sum, count = self.objective.loss(self.engine, batch, gen)
             loss_total += loss_sum.double()
             count_total += count
         self.engine.module.train(was_training)
+        # sequence parallel, each rank counts its slice's targets: the sums are the group's
         loss_sum, count_sum = self.all_reduce_sum([loss_total, count_total])
         loss = loss_sum / max(count_sum, 1)
         return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
@@ -333,9 +354,11 @@ class Worker:
         """Attention maps of the chosen layers and heads on a fixed validation snippet, as
         PNGs under <run>/heatmaps/step-N/ (the driver logs them to MLflow as images, so a
         slow tracking server never holds training up). Every rank runs the forward pass,
-        which ZeRO-3 needs; rank 0 draws."""
+        which ZeRO-3 needs; rank 0 draws. The snippet is short: drawn without sequence
+        parallelism, every head on every rank."""
         from models.heatmap import attention_heatmaps
         from models.maps import attention_layers
+        from models.parallel import set_sequence_parallel
 
         track, family = self.spec.tracking, self.spec.model.family
         if track.heatmap_tokens == 0:
@@ -357,14 +380,18 @@ class Worker:
         layers = sorted({i % n_layers for i in track.heatmap_layers})
         heads = [h for h in track.heatmap_heads if h < self.spec.model.n_heads]
         out = Path(self.cfg.run_dir) / "heatmaps" / f"step-{step:08d}"
-        if self.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            labels = token_labels(self.data_dir, row[:n].tolist())
-            attention_heatmaps(model, inputs, labels, out, layers, heads, stack)
-        else:  # the same forward pass, for the collectives of a partitioned model
-            from models.maps import attention_maps
+        set_sequence_parallel(model, None)
+        try:
+            if self.rank == 0:
+                out.mkdir(parents=True, exist_ok=True)
+                labels = token_labels(self.data_dir, row[:n].tolist())
+                attention_heatmaps(model, inputs, labels, out, layers, heads, stack)
+            else:  # the same forward pass, for the collectives of a partitioned model
+                from models.maps import attention_maps
 
-            attention_maps(model, inputs, stack, layers, heads)
+                attention_maps(model, inputs, stack, layers, heads)
+        finally:
+            set_sequence_parallel(model, self.sp)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.metrics is not None:
@@ -404,6 +431,7 @@ class Worker:
                 {
                     "step": step,
                     "world_size": self.world,
+                    "sequence_parallel": self.sp_size,
                     # the stage DeepSpeed ran (bf16 runs stage 0 as 1: deepspeed_config)
                     "zero_stage": self.engine.zero_optimization_stage(),
                     "precision": self.spec.training.precision,
