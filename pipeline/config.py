@@ -242,7 +242,10 @@ class TrainingNode(_Node):
         200, ge=1, description="Evaluate and draw heatmaps every this many steps, and at the end"
     )
     eval_batches: int = Field(
-        20, ge=1, description="Validation micro batches per worker at each evaluation (at most)"
+        20,
+        ge=1,
+        description="Validation micro batches per worker at each evaluation (at most); a "
+        "sequence-parallel group of P workers evaluates P times as many, the same samples",
     )
     log_interval: int = Field(
         10, ge=1, description="Log training metrics every this many steps, and at the end"

@@ -390,6 +390,37 @@ def test_explicit_resume_ends_bitwise_equal_to_the_uninterrupted_run(reference_r
     assert_bitwise_equal(weights(resumed["checkpoint"]), weights(reference_run["checkpoint"]))
 
 
+def test_a_sequence_parallel_run_trains_like_the_data_parallel_one(reference_run, data, tmp_path):
+    """The same job with both workers sharing each sequence (resources.sequence_parallel 2,
+    data-parallel size 1, twice the accumulation): the same samples per step, the same
+    losses within float rounding, evaluation and heatmaps, an exported model."""
+    from models.pretrained import load_pretrained
+    from pipeline.tracking import tracking_uri
+
+    result = train(
+        tmp_path,
+        data,
+        "resources.sequence_parallel=2",
+        "tracking.heatmap_tokens=40",
+        "training.loss_chunk_tokens=20",
+    )
+    uri = tracking_uri(None, tmp_path)
+    ref_uri = tracking_uri(None, Path(reference_run["run_dir"]).parent.parent)
+    for key in ("train/loss", "val/loss"):
+        ours = history(uri, result["mlflow_run_id"], key)
+        theirs = history(ref_uri, reference_run["mlflow_run_id"], key)
+        assert [s for s, _ in ours] == [s for s, _ in theirs], key
+        for (_, a), (_, b) in zip(ours, theirs, strict=True):
+            assert abs(a - b) < 1e-4 * abs(b), (key, ours, theirs)
+    assert (Path(result["run_dir"]) / "heatmaps" / "step-00000012").is_dir()
+    meta = json.loads((Path(result["checkpoint"]) / "meta.json").read_text())
+    assert meta["sequence_parallel"] == 2 and meta["world_size"] == 2
+    exported = load_pretrained(result["model"]["export_dir"]).state_dict()
+    reference = weights(reference_run["checkpoint"])
+    assert exported.keys() == reference.keys()
+    assert max(float((exported[k] - reference[k].float()).abs().max()) for k in reference) < 1e-3
+
+
 def test_a_killed_worker_is_replaced_and_the_run_ends_with_the_same_weights(
     reference_run, data, tmp_path
 ):

@@ -332,7 +332,9 @@ class Worker:
             verify=False,
         )
         per_step = t.micro_batch_size * self.dp_world
-        batches = min(t.eval_batches, max(1, len(reader) // per_step))
+        # a group of P ranks sharing each sample evaluates P times the batches of one rank:
+        # the same samples, and the same work per rank, whatever P is
+        batches = min(t.eval_batches * self.sp_size, max(1, len(reader) // per_step))
         was_training = self.engine.module.training
         self.engine.module.eval()
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
