@@ -115,6 +115,25 @@ def test_mask_mod_traces_in_one_graph_and_matches_eager_and_dense(name, params, 
         assert ops_to_keep_out(graphs[0]) == []
 
 
+@pytest.mark.parametrize("start,stop", [(2, 4), (3, 4)])
+def test_a_sequence_parallel_ranks_head_slice_traces_as_its_heads_of_the_pattern(start, stop):
+    """A rank of a sequence-parallel group attends with heads [start, stop) of a per-head
+    pattern (models/parallel.py): its mask_mod, compiled, is those heads' rule, in one graph
+    for every head, with the slice's first head as a table, not a constant."""
+    from models.attention.patterns import head_slice
+
+    params = {"block": 16, "window": 3, "random": 2, "per_head": True, "heads": 4}
+    pattern = make_pattern("bigbird", **params, causal=False)
+    local = head_slice(pattern, slice(start, stop))
+    compiled, graphs = compile_mask_mod(local.mask_mod_for(S, device="cpu"), "eager")
+    dense = pattern.dense_mask(S)
+    b, q_idx, k_idx = torch.tensor(0), torch.arange(S).view(S, 1), torch.arange(S).view(1, S)
+    for head in range(stop - start):  # flex passes local head indices
+        assert torch.equal(compiled(b, torch.tensor(head), q_idx, k_idx), dense[start + head])
+    assert len(graphs) == 1 and ops_to_keep_out(graphs[0]) == []
+    assert not torch.equal(dense[start], dense[0])  # the slice is not head 0's layout
+
+
 def test_causal_bigbird_without_a_length_keeps_its_draws_in_eager():
     """mask_mod (no length) sizes causal BigBird's draws from the largest query: eager only,
     documented; FlexAttention always gets mask_mod_for(seq_len)."""
