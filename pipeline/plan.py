@@ -1,5 +1,6 @@
 """The memory planner behind `attnpipe plan`: what each GPU holds while a job trains, and
-whether that fits the GPU the spec names (`resources.gpu_type`).
+whether that fits the GPU the spec names (`resources.gpu_type`); and, for a CPU job, the peak
+host memory (RSS) of one training worker process (`predicted_peak_bytes`).
 
 Model states follow the ZeRO paper's accounting (Rajbhandari et al. 2020, section 3.1),
 for the optimizer DeepSpeed 0.19.8 builds from the config the workers get
@@ -7,21 +8,24 @@ for the optimizer DeepSpeed 0.19.8 builds from the config the workers get
 and mixed precision (bf16/fp16) training holds 2P bytes of 16-bit parameters, 2P of 16-bit
 gradients and 12P of optimizer state (fp32 master weights, Adam's m and v); fp32 training
 holds 4P + 4P + 8P (attnpipe's ZeRO shares the fp32 master with the model's own weights,
-pipeline/train/zero.py). Over N data-parallel ranks ZeRO-1 partitions the optimizer state,
-ZeRO-2 the gradients too, ZeRO-3 the parameters too (each / N). Gradients are held in the
-dtype DeepSpeed accumulates them in: bf16 jobs accumulate in fp32, which DeepSpeed does at
-stage 1 and up only, so attnpipe runs bf16 stage 0 as stage 1, where DeepSpeed's
-BF16_Optimizer keeps the bf16 gradients and a whole fp32 copy (2P + 4P) beside partitioned
-optimizer state; ZeRO-2 and 3 keep this rank's fp32 partition (4P/N). Offloading the
-optimizer (ZeRO-Offload) keeps the fp32 partition, m and v in host memory, and an fp32
+pipeline/train/zero.py). Over N ranks ZeRO-1 partitions the optimizer state, ZeRO-2 the
+gradients too, ZeRO-3 the parameters too (each / N; N counts every worker, sequence-parallel
+ranks included, as DeepSpeed partitions over its whole data-parallel world). Gradients are
+held in the dtype DeepSpeed accumulates them in: bf16 jobs accumulate in fp32, which
+DeepSpeed does at stage 1 and up only, so attnpipe runs bf16 stage 0 as stage 1, where
+DeepSpeed's BF16_Optimizer keeps the bf16 gradients and a whole fp32 copy (2P + 4P) beside
+partitioned optimizer state; ZeRO-2 and 3 keep this rank's fp32 partition (4P/N). Offloading
+the optimizer (ZeRO-Offload) keeps the fp32 partition, m and v in host memory, and an fp32
 gradient partition for CPU Adam (ZeRO-1 keeps its whole gradients on the GPU as well);
 offloading parameters (ZeRO-3) keeps their partition there too.
 
-The optimizer step adds temporaries the paper leaves out (torch.optim.AdamW steps with
-foreach, PyTorch's default on CUDA):
-- AdamW's sqrt(v): 4 bytes per parameter of what one call updates: a param group at stage
-  0, this rank's partition at stages 1-2 (and in BF16_Optimizer), a sub-group of at most
-  1e9 parameters at stage 3.
+The optimizer step adds temporaries the paper leaves out (torch.optim.AdamW):
+- AdamW's sqrt(v): on CUDA its foreach step (PyTorch's default there) makes 4 bytes per
+  parameter of what one call updates: a param group at stage 0, this rank's partition at
+  stages 1-2 (and in BF16_Optimizer), a sub-group of at most 1e9 parameters at stage 3. On
+  CPU AdamW steps tensor by tensor (no foreach kernels there): sqrt(v) and its quotient, 8
+  bytes per element of the largest tensor it updates (a parameter at stage 0, the flat
+  partition or sub-group under ZeRO).
 - fp32 gradients made for the step: fp16/bf16 stage 0 (DeepSpeed's FP16_UnfusedOptimizer)
   copies every gradient to fp32 (4P); ZeRO-1/2 copy this rank's partition to a flat fp32
   tensor (4P/N), in fp32 runs too; ZeRO-3 does so per sub-group. Only 16-bit models that
@@ -31,22 +35,73 @@ These exist only during the step, after backward has freed the activations, so t
 what is always held plus the larger of the forward/backward and the step transients.
 
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
-Transformer Models", section 4.1): one transformer layer stores s*b*h*(34 + 5*a*s/h) bytes
-in 16-bit, where 34*s*b*h is the layer body and 5*a*s^2*b the attention scores, their
-softmax and its dropout mask. A sparse pattern scores only the keys a query meets: k keys
-per query, read from its block layout, give 5*a*s*k*b. With activation checkpointing each
-layer keeps only its input (2*s*b*h) and one layer at a time is recomputed in full. The
-`blocksparse` backend computes in fp32 and saves fp32 copies of q, k and v for its backward
-(models/attention/blocksparse.py), 2 bytes per element more than the paper's 16-bit ones.
+Transformer Models", section 4.1): one layer stores 34*s*b*h bytes in 16-bit (twice that in
+fp32), split as the paper splits it: the attention block 11*s*b*h (its input, Q and K, V,
+the output projection's input, a dropout mask), the MLP 19*s*b*h (its input, the GeLU's input
+and output, a dropout mask) and the two layernorms 4*s*b*h; a decoder's cross-attention adds
+its block and norm, 13*s*b*h. (Measured here with tests/test_plan.py's counter, an fp32
+layer with dropout 0 keeps 2 x 32*s*b*h: the paper's layer without its two dropout masks.) With
+activation checkpointing each layer keeps only its input (2*s*b*h) and one layer at a time
+is recomputed in full. A tiled MLP (`training.mlp_chunk_tokens` T: models/layers.py runs the
+MLP and its norm in chunks of T positions under checkpoint) keeps only their input, 2*s*b*h,
+instead of 19 + 2, so a layer keeps 15*s*b*h, plus one chunk's 19*T*b*h while it is
+recomputed.
+
+Attention scores are counted only where a backend keeps them (the paper's 5*a*s^2*b, its
+softmax, dropout mask and dropout output, assumes they are all kept):
+- `reference` materializes the dense (b, a, s, s) scores whatever the pattern (k = s keys per
+  query) and keeps its fp32 softmax (4 B per score), plus the copy in the model's dtype that
+  multiplies V (16-bit runs: 2 B), or, with dropout, the dropout's mask and output (1 + 2|4 B);
+  measured with tests/test_plan.py's counter.
+- adaptive spans score only the keys in the largest span plus ramp, a block of queries at a
+  time (k = max_span + ramp + block_size) and keep four fp32 tensors of those scores (16 B;
+  14 B in 16-bit runs), plus their soft mask (5 B per score and head, not per sample);
+  measured the same way (18.5-19.8 B per score at b = 2, fp32).
+- `sdpa` never stores them: its flash and memory-efficient kernels (CUDA) and its fused CPU
+  kernel, with or without an attention mask, recompute them in backward from q, k, v, the
+  output and the fp32 log-sum-exp of each query and head (4*a*s*b per layer), all that is
+  counted. FlexAttention (`flex`) keeps the same.
+- `blocksparse` (models/attention/blocksparse.py) saves only q, k and v and recomputes each
+  block's softmax in full in backward: no scores and no per-row statistics (nothing to
+  count beyond q, k, v). In 16-bit runs it computes in fp32 and saves fp32 copies of q, k and
+  v, 2 bytes per element more than the paper's 16-bit ones. Its plan (which key blocks each
+  query block meets, masks of partial tiles) is a few MB at 32K tokens and is not counted.
+Where SDPA (or `reference`) gets a per-batch dense mask, it is counted once, shared by the
+layers: b*s^2 in the model's dtype for packed documents (`training.document_masking`, on a
+decoder or encoder), a*s^2 for ALiBi's bias. A k-keys sparse pattern is read from the
+pattern's block layout.
 
 The logits cost 12 bytes per element at the start of backward, in either precision: the
-loss (`F.cross_entropy(logits.float(), ...)`) saves its fp32 log-softmax (4), and backward
-makes its gradient (4) and the gradient of the fp32 logits (4) before the first is freed.
+loss (models/loss.py: `F.cross_entropy(logits.float(), ...)`) saves its fp32 log-softmax
+(4), and backward makes its gradient (4) and the gradient of the fp32 logits (4) before the
+first is freed.
 The forward pass peaks lower (bf16: the logits 2 + their fp32 copy 4 + the log-softmax 4).
+With `training.loss_chunk_tokens` C the LM head and the loss run on C tokens at a time under
+checkpoint (models/loss.py): the logits line is one chunk, C*V*12 bytes.
 
-Symbols: P parameters, N data-parallel ranks, s sequence length, b micro batch, h model
-width, kv key/value width (h without grouped-query attention), a attention heads, k keys
-per query, V vocabulary.
+Sequence parallelism (`resources.sequence_parallel` P, Ulysses): each rank keeps a 1/P slice
+of every sample (embeddings, norms, MLPs, the residual stream, the logits and the loss), and
+its attention sees the whole sequence for a/P heads: q, k, v, the output and any stored
+scores are those of s/P tokens and all heads. So activations, scores and logits per rank
+divide by P; a dense mask does not (each rank masks the whole sequence).
+
+A CPU worker (gpus_per_worker 0) is planned with the same lines, in its one process: the
+host-side framework (CPU_FRAMEWORK_OVERHEAD, measured) instead of a CUDA context, offloaded
+states in the same memory, AdamW's CPU temporaries, and an "allocator" line for glibc's heap:
+the peak RSS, `predicted_peak_bytes`. Under the malloc settings CPU workers run with
+(pipeline.train.ops.CPU_WORKER_ENV) glibc 2.36 holds far more than the live tensors, and how
+much depends on the allocation pattern: measured, 1.5-1.9x the forward/backward bytes of
+whole-sequence steps (CPU_HEAP_FACTOR), a chunked loss's loop about as much as the whole
+logits would take (CPU_LOSS_CHUNK_HEAP), and sequence parallelism one forward pass's
+all-to-all buffers on top. Fitted to 2-step runs of a 4-layer d256 decoder at 4K-64K tokens
+(dense, sliding window, BigBird; chunked loss and MLP; checkpointing; P=2), the prediction
+was within 15% of the measured ru_maxrss in every one; outside that range it is an estimate.
+Not counted anywhere: communication buckets, all-to-all buffers on GPUs, allocator
+fragmentation on GPUs, the data loader, blocksparse's plan (a few MB).
+
+Symbols: P parameters (or sequence-parallel ranks, where said), N ranks, s sequence length,
+b micro batch, h model width, kv key/value width (h without grouped-query attention), a
+attention heads, k keys per query, V vocabulary, C loss chunk, T MLP tile.
 """
 
 from __future__ import annotations
@@ -65,6 +120,30 @@ GiB = 1024**3
 # One per training process: the CUDA context, cuBLAS and NCCL workspaces. Communication
 # buckets and allocator fragmentation come on top and are not counted.
 FRAMEWORK_OVERHEAD = 1 * GiB
+# One CPU training worker process before its model: Python with torch and DeepSpeed imported,
+# a gloo group and a tiny DeepSpeed engine (ZeRO 0, fp32, torch_adam) built and stepped
+# twice. Its peak RSS (ru_maxrss), measured on the project's 2-core CPU machine (torch 2.13
+# CPU, DeepSpeed 0.19.8, Debian 12, glibc 2.36): 473 MB, three runs within 0.1%, with glibc's
+# malloc defaults and with CPU_WORKER_ENV alike (torch alone: 230 MB; + deepspeed: 378 MB).
+CPU_FRAMEWORK_OVERHEAD = 451 * MiB
+# glibc's heap in a CPU worker, which runs with pipeline.train.ops.CPU_WORKER_ENV (nothing
+# below 1 GiB is mmapped, nothing is trimmed): its peak RSS over its live tensors. glibc 2.36
+# (Debian 12) does not reuse a freed block for an aligned allocation of the same size (it asks
+# for size + alignment; glibc 2.38 scans for aligned chunks), and PyTorch allocates every CPU
+# tensor aligned, so each step's activations and logits land partly in fresh memory. Measured
+# (ru_maxrss of 2 training steps, a 4-layer d256 decoder, fp32, micro batch 1, 4K-32K tokens;
+# dense sdpa, sliding window and BigBird blocksparse): the heap held 1.48-1.92x the forward /
+# backward bytes, median 1.75; tensors of 1 GiB or more are mmapped and returned whole.
+CPU_HEAP_FACTOR = 1.75
+# A chunked loss (training.loss_chunk_tokens) in that heap: every chunk allocates and frees
+# logits-sized blocks of the same size, forward and again in backward, which glibc 2.36 can
+# reuse only once freed neighbours coalesce, so the loop leaves a trail that grows with the
+# whole logits, not with one chunk: measured (the LM head and loss alone, V 8192, 2 steps):
+# 16K tokens in chunks of 1K, 2K, 4K held 0.94, 1.44, 2.14 GiB (one chunk's tensors: 0.09,
+# 0.19, 0.38 GiB; the whole logits': 1.5 GiB), 8K in 2K chunks 1.06 GiB; about 2.8 x the
+# geometric mean of the whole logits' bytes and one chunk's. (With glibc's malloc defaults
+# the same loops held 0.35-0.55 GiB: chunks above 32 MiB are mmapped and returned.)
+CPU_LOSS_CHUNK_HEAP = 2.8
 # DeepSpeed's zero_optimization.sub_group_size default (runtime/zero/config.py), which
 # attnpipe's config leaves alone: ZeRO-3 steps its partition in sub-groups of this many
 # parameters (a sub-group closes at the first parameter that reaches it).
@@ -148,7 +227,7 @@ class Stack:
     name: str
     layers: int
     seq_len: int
-    keys_per_query: float  # keys whose scores a query stores: s when dense
+    keys_per_query: float  # keys each query scores: s when dense (and for `reference`)
     cross_keys: int = 0  # a decoder's cross-attention: the source length
 
 
@@ -174,6 +253,16 @@ class Workload:
     workers_per_gpu: int = 1
     kv_dim: int | None = None  # key/value width (n_kv_heads x head_dim); None: d_model
     fp32_qkv: bool = False  # the attention backend saves fp32 copies of q, k, v (blocksparse)
+    backend: str = "sdpa"  # attention.backend: which keeps scores (see `score_kind`)
+    adaptive_span: bool = False  # a decoder's self-attention scores through learned spans
+    dropout: bool = False  # model.dropout > 0 (what `reference` keeps of its softmax)
+    doc_mask: bool = False  # packed documents: a per-batch (b, 1, s, s) mask for sdpa
+    alibi: bool = False  # ALiBi: an (a, s, s) bias for sdpa
+    seq_parallel: int = 1  # resources.sequence_parallel: ranks sharing each sample
+    sp_options: tuple[int, ...] = ()  # sequence_parallel values the spec's workers allow
+    loss_chunk: int | None = None  # training.loss_chunk_tokens
+    mlp_chunk: int | None = None  # training.mlp_chunk_tokens
+    device: str = "cuda"  # "cpu": one CPU worker process (its host memory)
     # What DeepSpeed runs for each ZeRO setting the planner may try, (zero_stage,
     # offload_optimizer, offload_params) -> (its ZeRO stage, gradient accumulation dtype),
     # read from the config the workers get; a setting not listed runs as written and
@@ -188,6 +277,7 @@ class Line:
     cpu: int  # bytes of host memory per GPU (offloaded states)
     detail: str
     phase: str = HELD  # HELD, TRAIN or STEP: when the GPU bytes exist
+    tensor: int = 0  # bytes of its largest single tensor, where one is large (CPU heap model)
 
 
 def peak(lines: list[Line] | tuple[Line, ...]) -> int:
@@ -311,7 +401,9 @@ def step_lines(w: Workload, path: OptimizerPath) -> list[Line]:
     """What the optimizer step adds on the GPU while it runs (DeepSpeed 0.19.8 around
     torch.optim.AdamW, whose foreach step is PyTorch's default on CUDA): fp32 gradients made
     for the step, and AdamW's sqrt(v) temporary. Nothing on the GPU with an offloaded
-    optimizer: CPU Adam steps the host's fp32 partition in place."""
+    optimizer: CPU Adam steps the host's fp32 partition in place. On a CPU worker AdamW steps
+    one tensor at a time (torch has no CPU foreach kernels): sqrt(v) and its quotient, 8
+    bytes per element of the largest tensor a call updates."""
     if w.offload_optimizer:
         return []
     n, stage = w.world_size, path.stage
@@ -341,6 +433,14 @@ def step_lines(w: Workload, path: OptimizerPath) -> list[Line]:
     lines = []
     if grads:
         lines.append(Line("fp32 gradients", 4 * stepped, 0, f"{grads}: 4 {each}", STEP))
+    if w.device == "cpu":
+        # _single_tensor_adam: (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps), per tensor:
+        # at stage 0 each parameter is its own tensor; under ZeRO the partition is one flat one
+        largest = min(w.largest_module, w.params) if stage == 0 else stepped
+        what = "B x the largest parameter" if stage == 0 else each
+        how = f"AdamW on CPU, tensor by tensor: sqrt(v) and its quotient, 8 {what}"
+        lines.append(Line("Adam sqrt(v)", 8 * largest, 0, how, STEP))
+        return lines
     lines.append(
         Line(
             "Adam sqrt(v)",
@@ -353,43 +453,110 @@ def step_lines(w: Workload, path: OptimizerPath) -> list[Line]:
     return lines
 
 
+# Korthikanti et al. 2022, section 4.1: what one layer keeps, in bytes per s*b*h in 16-bit
+ATTENTION_BODY = 11  # the block's input 2, Q and K 4, V 2, the projection's input 2, mask 1
+MLP_BODY = 19  # its input 2, the GeLU's input 8 and output 8, a dropout mask 1
+NORMS_BODY = 4  # the two layernorms' inputs, 2 each
+CROSS_BODY = ATTENTION_BODY + 2  # a decoder's cross-attention block and its norm
+TILED_MLP = 2  # a tiled MLP and the norm recomputed with it keep only their input
+# How a backend keeps attention scores for its backward pass (`score_kind`)
+STORED, SPAN, LSE, RECOMPUTED = "stored", "adaptive span", "log-sum-exp", "recomputed"
+
+
+def score_kind(backend: str, adaptive_span: bool = False) -> str:
+    """What a self-attention backend keeps of its scores: STORED (`reference`: the dense
+    softmax), SPAN (learned spans: their windowed weights), LSE (`sdpa`, `flex`: one fp32
+    log-sum-exp per query and head) or RECOMPUTED (`blocksparse`: nothing)."""
+    if adaptive_span:
+        return SPAN
+    return {"reference": STORED, "blocksparse": RECOMPUTED}.get(backend, LSE)
+
+
+def score_bytes(w: Workload, kind: str, queries: int, keys: float) -> float:
+    """Bytes one attention layer keeps of its scores: `queries` per sample (and head, over all
+    heads), each scored against `keys` keys."""
+    a, b, bits16 = w.n_heads, w.micro_batch, w.precision != "fp32"
+    if kind == STORED:
+        # fp32 softmax (4), and what multiplies V: the dropout's output (with its 1 B mask) or,
+        # in 16-bit, the softmax cast back (2); in fp32 without dropout the softmax itself
+        per = 4 + ((1 + _BYTES[w.precision]) if w.dropout else (2 if bits16 else 0))
+        return a * queries * keys * b * per
+    if kind == SPAN:
+        # masked scores, their exp, the weighted exp, the weights (fp32; 16-bit keeps a cast
+        # copy of the last instead), and the (a, s, k) soft mask and its fill mask per layer
+        return a * queries * keys * (b * (14 if bits16 else 16) + 5)
+    if kind == LSE:
+        return 4 * a * queries * b
+    return 0.0
+
+
+def _per_rank(w: Workload) -> str:
+    p = w.seq_parallel
+    return f", s/P: each of P={p} ranks holds s/{p} tokens (Ulysses)" if p > 1 else ""
+
+
 def activation_lines(w: Workload) -> list[Line]:
-    """Activations (Korthikanti et al. 2022), attention scores and logits per GPU."""
+    """Activations (Korthikanti et al. 2022), attention scores as each backend keeps them,
+    dense masks and logits, per GPU (per CPU process)."""
     scale = 1 if w.precision != "fp32" else 2  # the paper counts 16-bit tensors
-    b, h, a = w.micro_batch, w.d_model, w.n_heads
+    b, h, p = w.micro_batch, w.d_model, w.seq_parallel
     kv = w.kv_dim or h
+    head_dim = h // w.n_heads
     x2 = " (x2 fp32)" if scale == 2 else ""
     upcast = w.fp32_qkv and w.precision != "fp32"  # an fp32 run saves q, k, v as they are
+    kind = score_kind(w.backend, w.adaptive_span)
+    cross_kind = STORED if w.backend == "reference" else LSE  # cross-attention: sdpa otherwise
 
-    def body(st: Stack) -> int:  # one layer; cross-attention adds 11sbh + a 2sbh norm
-        return st.seq_len * b * h * (34 + (13 if st.cross_keys else 0)) * scale
+    def local(st: Stack) -> int:  # tokens of each sample on this rank
+        return st.seq_len // p
 
-    def scores(st: Stack) -> int:
-        keys = st.keys_per_query + st.cross_keys
-        return round(5 * a * st.seq_len * keys * b) * scale
+    def tiled(st: Stack) -> bool:  # models/layers.py runs whole sequences in one piece
+        return w.mlp_chunk is not None and w.mlp_chunk < local(st)
+
+    def units(st: Stack) -> int:  # bytes per s*b*h in 16-bit, one layer
+        norm = NORMS_BODY // 2  # the attention block's
+        mlp = TILED_MLP if tiled(st) else NORMS_BODY // 2 + MLP_BODY
+        return ATTENTION_BODY + norm + mlp + (CROSS_BODY if st.cross_keys else 0)
+
+    def body(st: Stack) -> int:  # one layer
+        return local(st) * b * h * units(st) * scale
+
+    def tile(st: Stack) -> int:  # one chunk's MLP intermediates, while it is (re)computed
+        return MLP_BODY * (w.mlp_chunk or 0) * b * h * scale if tiled(st) else 0
+
+    def scores(st: Stack) -> int:  # a/P heads over s queries: the count of a heads over s/P
+        own = score_bytes(w, kind, local(st), st.keys_per_query)
+        cross = score_bytes(w, cross_kind, local(st), st.cross_keys) if st.cross_keys else 0
+        return round(own + cross)
 
     def qkv32(st: Stack) -> int:  # one layer's self-attention: 4 B instead of the paper's 2
-        return 2 * st.seq_len * b * (h + 2 * kv) if upcast else 0
+        # each rank: q of s/P tokens, k and v of the whole sequence for its kv heads (a copy
+        # of one where P exceeds them)
+        kv_rank = kv if p == 1 else max(kv // p, head_dim)
+        return 2 * b * (local(st) * h + 2 * st.seq_len * kv_rank) if upcast else 0
 
+    tiles = max(tile(st) for st in w.stacks)
     if not w.checkpointing:
-        act = sum(st.layers * body(st) for st in w.stacks)
+        act = sum(st.layers * body(st) for st in w.stacks) + tiles
         att = sum(st.layers * scores(st) for st in w.stacks)
         extra = sum(st.layers * qkv32(st) for st in w.stacks)
-        act_how = f"34*s*b*h x layers{x2}"
-        att_how = f"5*a*s*k*b x layers, {_keys(w.stacks)}{x2}"
+        act_how = f"{_body_how(w, units)} x layers{x2}"
         layers = "x layers"
     else:
-        inputs = sum(st.layers * 2 * st.seq_len * b * h * scale for st in w.stacks)
+        inputs = sum(st.layers * 2 * local(st) * b * h * scale for st in w.stacks)
         # recomputed in backward, one layer at a time: the largest
-        full = max(w.stacks, key=lambda st: body(st) + scores(st) + qkv32(st))
-        act, att, extra = inputs + body(full), scores(full), qkv32(full)
+        full = max(w.stacks, key=lambda st: body(st) + tile(st) + scores(st) + qkv32(st))
+        act, att, extra = inputs + body(full) + tile(full), scores(full), qkv32(full)
         act_how = f"2*s*b*h x layers + one layer{x2}"
-        att_how = f"one layer, {_keys(w.stacks)}{x2}"
+        if tiles:
+            act_how = f"2*s*b*h x layers + one layer of {_body_how(w, units)}{x2}"
         layers = "one layer"
-    logits = w.logits_len * b * w.vocab_size * 12
+    if tiles:
+        act_how += f"; + one MLP tile, 19*T*b*h (T={w.mlp_chunk:,})"
+    act_how += _per_rank(w)
     lines = [
         Line("activations", act, 0, act_how, TRAIN),
-        Line("attention scores", att, 0, att_how, TRAIN),
+        Line("attention scores", att, 0, _scores_how(w, kind, layers), TRAIN),
     ]
     if extra:
         lines.append(
@@ -401,17 +568,90 @@ def activation_lines(w: Workload) -> list[Line]:
                 TRAIN,
             )
         )
-    lines.append(
-        Line(
-            "logits",
-            logits,
-            0,
-            "s*b*V x 12 B: fp32 log-softmax + its grad + the fp32 logits' grad",
-            TRAIN,
-        )
+    lines += mask_lines(w)
+    tokens = w.logits_len // p * b  # the LM head's and the loss's, on this rank
+    chunked = w.loss_chunk is not None and w.loss_chunk < tokens
+    rows = w.loss_chunk if chunked and w.loss_chunk else tokens
+    what = "fp32 log-softmax + its grad + the fp32 logits' grad"
+    how = (
+        f"one chunk of C={rows:,} tokens x V x 12 B (loss_chunk_tokens, recomputed): {what}"
+        if chunked
+        else f"s*b*V x 12 B: {what}" + _per_rank(w)
     )
-    lines.append(Line("framework", FRAMEWORK_OVERHEAD, 0, "1 GiB/process: CUDA context etc."))
+    lines.append(
+        Line("logits", rows * w.vocab_size * 12, 0, how, TRAIN, tensor=rows * w.vocab_size * 4)
+    )
+    if w.device == "cpu":
+        lines.append(
+            Line(
+                "framework",
+                CPU_FRAMEWORK_OVERHEAD,
+                0,
+                f"{human(CPU_FRAMEWORK_OVERHEAD)}/process: torch, DeepSpeed, gloo (measured RSS)",
+            )
+        )
+    else:
+        lines.append(Line("framework", FRAMEWORK_OVERHEAD, 0, "1 GiB/process: CUDA context etc."))
     return lines
+
+
+def _body_how(w: Workload, units: Any) -> str:
+    """'34*s*b*h' (the paper's layer), or a layer with a tiled MLP: '15*s*b*h (...)'."""
+    parts = sorted({units(st) for st in w.stacks})
+    if parts in ([34], [34, 47]):
+        return "34*s*b*h"
+    tiled = "/".join(str(u) for u in parts)
+    return f"{tiled}*s*b*h (a tiled MLP and its norm keep their input: 2 of 19 + 2)"
+
+
+def _scores_how(w: Workload, kind: str, layers: str) -> str:
+    if kind == STORED:
+        per = (
+            f"(4 + 1 + {_BYTES[w.precision]})"
+            if w.dropout
+            else ("(4 + 2)" if w.precision != "fp32" else "4")
+        )
+        return f"reference keeps its softmax: a*s*k*b x {per} B {layers}, {_keys(w.stacks)}"
+    if kind == SPAN:
+        per = 14 if w.precision != "fp32" else 16
+        return f"adaptive span's weights: a*s*k*b x {per} B {layers}, {_keys(w.stacks)}"
+    has_cross = any(st.cross_keys for st in w.stacks)
+    cross = " (cross-attention through sdpa: its log-sum-exp)" if has_cross else ""
+    if kind == LSE:
+        return (
+            f"not stored: {w.backend} recomputes them in backward; its fp32 log-sum-exp, "
+            f"4*a*s*b {layers}{_per_rank(w)}"
+        )
+    return (
+        f"not stored: {w.backend} recomputes them from q, k, v in backward and keeps no "
+        f"per-row statistics{cross}"
+    )
+
+
+def mask_lines(w: Workload) -> list[Line]:
+    """A per-batch dense mask SDPA (or `reference`) attends with, shared by every layer: the
+    documents of packed samples (b, 1, s, s), or ALiBi's (1, a, s, s) bias, in the model's
+    dtype; `reference` always builds one. A sequence-parallel rank masks the whole sequence
+    for its a/P heads."""
+    reference = w.backend == "reference"
+    if w.adaptive_span or not (reference or (w.backend == "sdpa" and (w.doc_mask or w.alibi))):
+        return []
+    rows = w.micro_batch if w.doc_mask else 1
+    heads = w.n_heads // w.seq_parallel if w.alibi else 1
+    each = _BYTES[w.precision]
+    # cross-attention's mask: `reference` always, sdpa only for padded sources (not counted)
+    squares = sum(
+        st.seq_len * (st.seq_len + (st.cross_keys if reference else 0)) for st in w.stacks
+    )
+    what = " and ".join(name for name, on in (("documents", w.doc_mask), ("ALiBi", w.alibi)) if on)
+    per = "b" if w.doc_mask else "1"
+    if w.alibi:
+        per += "*a/P" if w.seq_parallel > 1 else "*a"
+    how = (
+        f"{w.backend}'s per-batch mask ({what or 'the pattern'}): {per}*s^2 x {each} B, all layers"
+    )
+    largest = rows * heads * max(st.seq_len for st in w.stacks) ** 2 * each
+    return [Line("attention mask", rows * heads * squares * each, 0, how, TRAIN, tensor=largest)]
 
 
 def _keys(stacks: tuple[Stack, ...]) -> str:
@@ -425,9 +665,58 @@ def _keys(stacks: tuple[Stack, ...]) -> str:
     return f"k={', '.join(ks)} keys/query"
 
 
+def heap_line(w: Workload, lines: list[Line]) -> Line:
+    """A CPU worker's glibc heap beyond its live forward/backward tensors: CPU_HEAP_FACTOR
+    times their bytes, a chunked loss's loop as CPU_LOSS_CHUNK_HEAP says, and with sequence
+    parallelism one forward pass's all-to-all buffers; tensors at or above the worker's mmap
+    threshold are mapped and returned whole."""
+    from pipeline.train.ops import CPU_WORKER_ENV
+
+    threshold = int(CPU_WORKER_ENV["MALLOC_MMAP_THRESHOLD_"])
+    live = heap = 0.0
+    for line in lines:
+        if line.phase != TRAIN or line.tensor >= threshold:
+            continue
+        live += line.gpu
+        heap += CPU_HEAP_FACTOR * line.gpu
+        whole = w.logits_len // w.seq_parallel * w.micro_batch * w.vocab_size * 12
+        if line.component == "logits" and line.gpu < whole:
+            # the chunks' trail, at most what the whole logits would take
+            trail = CPU_LOSS_CHUNK_HEAP * math.sqrt(whole * line.gpu)
+            heap += min(trail, CPU_HEAP_FACTOR * whole) - CPU_HEAP_FACTOR * line.gpu
+    if w.seq_parallel > 1:
+        # models/parallel.py: each all-to-all stacks its input into a send buffer and
+        # receives into another, for q, k, v and the output of every layer; freed blocks of
+        # the same size are not reused (see CPU_HEAP_FACTOR), so about one forward pass's
+        # worth stays: measured 3.21 GB against 3.23 planned (BigBird, P=2, 16K) and 7.40
+        # against 6.95 (64K, checkpointing, chunked loss and MLP), 5.88 without this term
+        each = 2 * (2 * w.d_model + 2 * (w.kv_dim or w.d_model)) * w.micro_batch
+        heap += (
+            sum(st.layers * st.seq_len // w.seq_parallel for st in w.stacks)
+            * each
+            * (_BYTES[w.precision])
+        )
+    extras = [
+        text
+        for text, on in (
+            ("the chunked loss's trail", w.loss_chunk),
+            ("one forward's all-to-all buffers", w.seq_parallel > 1),
+        )
+        if on
+    ]
+    how = (
+        f"glibc heap (CPU_WORKER_ENV): x{CPU_HEAP_FACTOR:g} the fwd/bwd tensors under "
+        f"{human(threshold)}{''.join(', ' + e for e in extras)} (measured)"
+    )
+    return Line("allocator", max(0, round(heap - live)), 0, how, TRAIN)
+
+
 def estimate(w: Workload) -> list[Line]:
-    """Every line of the per-GPU estimate; workers sharing one GPU add up."""
+    """Every line of the per-GPU estimate (per process, for a CPU worker); workers sharing one
+    GPU add up."""
     lines = model_state_lines(w) + activation_lines(w)
+    if w.device == "cpu":
+        return [*lines, heap_line(w, lines)]
     k = w.workers_per_gpu
     if k == 1:
         return lines
@@ -437,6 +726,12 @@ def estimate(w: Workload) -> list[Line]:
 def gpu_total(w: Workload) -> int:
     """The peak GPU bytes of a workload (see `peak`)."""
     return peak(estimate(w))
+
+
+def host_total(w: Workload) -> int:
+    """One CPU worker process's peak memory: its peak, with what it offloads to itself."""
+    lines = estimate(replace(w, device="cpu", workers_per_gpu=1))
+    return peak(lines) + sum(line.cpu for line in lines)
 
 
 # --------------------------------------------------------------------------- from a spec
@@ -535,6 +830,15 @@ def workload(spec: JobSpec) -> Workload:
             ("encoder", m.encoder_layers, src, False, 0),
             ("decoder", m.decoder_layers, tgt, True, src),
         ]
+    attention, span = spec.attention, spec.attention.adaptive_span
+
+    def keys(causal: bool, s: int) -> float:
+        if attention.backend == "reference":
+            return float(s)  # it scores the dense (s, s), masked
+        if span is not None and causal:  # the largest span and ramp, a block of queries at once
+            return float(min(s, span.max_span + span.ramp + attention.block_size))
+        return keys_per_query(attention, causal, m.n_heads, s)
+
     return Workload(
         params=params,
         largest_module=largest,
@@ -542,7 +846,7 @@ def workload(spec: JobSpec) -> Workload:
         n_heads=m.n_heads,
         vocab_size=m.vocab_size,
         stacks=tuple(
-            Stack(name, layers, s, keys_per_query(spec.attention, causal, m.n_heads, s), cross)
+            Stack(name, layers, s, keys(causal, s), cross)
             for name, layers, s, causal, cross in stacks
         ),
         logits_len=tgt if m.family == "encoder_decoder" else data.seq_len,
@@ -560,6 +864,31 @@ def workload(spec: JobSpec) -> Workload:
         # learned span attends through its own path, and cross-attention through sdpa
         fp32_qkv=spec.attention.backend == "blocksparse" and spec.attention.adaptive_span is None,
         deepspeed_runs=_deepspeed_runs(spec),
+        backend=attention.backend,
+        adaptive_span=span is not None,
+        dropout=m.dropout > 0,
+        doc_mask=t.document_masking and m.family in ("decoder", "encoder"),
+        alibi=m.positional == "alibi",
+        seq_parallel=r.sequence_parallel,
+        sp_options=_sp_options(spec),
+        loss_chunk=t.loss_chunk_tokens,
+        mlp_chunk=t.mlp_chunk_tokens,
+        device="cuda",  # a CPU spec too: `attnpipe plan` plans one GPU per worker
+    )
+
+
+def _sp_options(spec: JobSpec) -> tuple[int, ...]:
+    """Every resources.sequence_parallel the spec's workers, sequence and heads allow (the
+    checks of pipeline.config's JobSpec: P divides the workers, data.seq_len and the heads;
+    key/value heads divide by P or P by them; no encoder-decoder)."""
+    arch, r = spec.model.architecture(), spec.resources
+    if arch.family == "encoder_decoder":
+        return ()
+    return tuple(
+        p
+        for p in range(1, r.num_workers + 1)
+        if not (r.num_workers % p or spec.data.seq_len % p or arch.n_heads % p)
+        and not (arch.kv_heads % p and p % arch.kv_heads)
     )
 
 
@@ -579,14 +908,24 @@ class Suggestion:
     gpu_total: int
 
 
+# Tokens per chunk the planner tries for training.loss_chunk_tokens and mlp_chunk_tokens,
+# mildest first (a chunk's GEMMs stay large enough to run near full speed)
+CHUNK_TOKENS = (8192, 4096, 2048, 1024)
+
+
 def _levers(w: Workload) -> list[list[Workload]]:
     """Each way to save GPU memory, as its settings from mildest to strongest."""
+    data_parallel = w.world_size // w.seq_parallel
     valid_micro = [
         m
         for m in range(w.micro_batch - 1, 0, -1)
-        # keep global_batch_size a multiple of micro_batch_size x num_workers
-        if w.global_batch % (m * w.world_size) == 0
+        # keep global_batch_size a multiple of micro_batch_size x data-parallel workers
+        if w.global_batch % (m * data_parallel) == 0
     ]
+    # chunks smaller than what runs in one piece now: the LM head's tokens on this rank, and
+    # each sample's longest stack on it
+    loss_tokens = w.loss_chunk or w.logits_len // w.seq_parallel * w.micro_batch
+    mlp_tokens = w.mlp_chunk or max(st.seq_len for st in w.stacks) // w.seq_parallel
     return [
         [] if w.checkpointing else [replace(w, checkpointing=True)],
         [replace(w, zero_stage=s) for s in range(w.zero_stage + 1, 4)],
@@ -595,6 +934,10 @@ def _levers(w: Workload) -> list[list[Workload]]:
         else [replace(w, zero_stage=max(w.zero_stage, 1), offload_optimizer=True)],
         [] if w.offload_params else [replace(w, zero_stage=3, offload_params=True)],
         [replace(w, micro_batch=m) for m in valid_micro],
+        [replace(w, loss_chunk=c) for c in CHUNK_TOKENS if c < loss_tokens],
+        [replace(w, mlp_chunk=c) for c in CHUNK_TOKENS if c < mlp_tokens],
+        # more workers per sample: the workers must allow it (w.sp_options)
+        [replace(w, seq_parallel=p) for p in w.sp_options if p > w.seq_parallel],
     ]
 
 
@@ -606,6 +949,9 @@ def _overrides(before: Workload, after: Workload) -> tuple[str, ...]:
         ("deepspeed.offload_optimizer", "offload_optimizer"),
         ("deepspeed.offload_params", "offload_params"),
         ("training.micro_batch_size", "micro_batch"),
+        ("training.loss_chunk_tokens", "loss_chunk"),
+        ("training.mlp_chunk_tokens", "mlp_chunk"),
+        ("resources.sequence_parallel", "seq_parallel"),
     )
     out = []
     for key, attr in fields:
@@ -618,7 +964,8 @@ def _overrides(before: Workload, after: Workload) -> tuple[str, ...]:
 def suggestions(w: Workload, capacity: int) -> list[Suggestion]:
     """Changes that make the job fit, each checked by re-running the estimate: every single
     change that does (at its mildest setting); when none does, the fewest changes that
-    do together, taken in the order checkpointing, ZeRO stage, offloads, micro batch."""
+    do together, taken in the order checkpointing, ZeRO stage, offloads, micro batch, loss
+    chunks, MLP tiles, sequence parallelism."""
     out = []
     for options in _levers(w):
         fit = next((o for o in options if gpu_total(o) <= capacity), None)
@@ -645,6 +992,7 @@ class Plan:
     gpu: GPU | None
     suggestions: tuple[Suggestion, ...]
     notes: tuple[str, ...]
+    cpu_worker: int | None = None  # a CPU job: one worker process's peak RSS (host_total)
 
     @property
     def gpu_total(self) -> int:
@@ -678,7 +1026,9 @@ class Plan:
         if not self.suggestions:
             return (
                 f"{head}; it does not fit even with activation checkpointing, ZeRO-3, both "
-                "offloads and micro batch 1: use a larger GPU or a shorter data.seq_len"
+                "offloads, micro batch 1, loss chunks and MLP tiles"
+                + (" and sequence parallelism" if len(self.workload.sp_options) > 1 else "")
+                + ": use a larger GPU or a shorter data.seq_len"
             )
         tries = " / ".join(
             f"{' '.join(s.overrides)} ({human(s.gpu_total)})" for s in self.suggestions
@@ -702,6 +1052,11 @@ class Plan:
             "activation_checkpointing": w.checkpointing,
             "kv_dim": w.kv_dim or w.d_model,
             "fp32_qkv": w.fp32_qkv,
+            "attention_backend": w.backend,
+            "attention_scores": score_kind(w.backend, w.adaptive_span),
+            "sequence_parallel": w.seq_parallel,
+            "loss_chunk_tokens": w.loss_chunk,
+            "mlp_chunk_tokens": w.mlp_chunk,
             "deepspeed": {
                 "stage": path.stage,
                 "grad_accum_dtype": path.accum,
@@ -743,6 +1098,8 @@ class Plan:
             ],
             "verdict": self.verdict(),
             "notes": list(self.notes),
+            # a CPU job (gpus_per_worker 0): one worker process's predicted peak RSS
+            "cpu_worker_peak_bytes": self.cpu_worker,
         }
 
 
@@ -755,13 +1112,37 @@ def plan_job(spec: JobSpec, source: str = "<spec>") -> Plan:
     total = peak(lines)
     fits = gpu is None or total <= gpu.memory
     found = tuple(suggestions(w, gpu.memory)) if gpu is not None and not fits else ()
-    return Plan(spec.job.name, w, lines, gpu, found, _notes(spec, w, lines, gpu))
+    cpu_worker = host_total(w) if r.gpus_per_worker == 0 else None
+    notes = _notes(spec, w, lines, gpu, cpu_worker)
+    return Plan(spec.job.name, w, lines, gpu, found, notes, cpu_worker)
 
 
-def _notes(spec: JobSpec, w: Workload, lines: tuple[Line, ...], gpu: GPU | None) -> tuple[str, ...]:
+def predicted_peak_bytes(spec: JobSpec) -> int:
+    """The peak memory of one training worker: for a CPU spec (gpus_per_worker 0) its
+    process's peak host memory, the RSS `ru_maxrss` reports (framework, model states and
+    what it offloads to itself, activations, scores, masks, logits, the optimizer step's
+    temporaries and glibc's heap); for a GPU spec the per-GPU peak of `attnpipe plan`."""
+    w = workload(spec)
+    return host_total(w) if spec.resources.gpus_per_worker == 0 else gpu_total(w)
+
+
+def _notes(
+    spec: JobSpec,
+    w: Workload,
+    lines: tuple[Line, ...],
+    gpu: GPU | None,
+    cpu_worker: int | None = None,
+) -> tuple[str, ...]:
     r, notes = spec.resources, []
     if r.gpus_per_worker == 0:
         notes.append("resources.gpus_per_worker is 0 (a CPU run): planned as one GPU per worker")
+        if cpu_worker is not None:
+            notes.append(
+                f"as a CPU worker process its peak memory (RSS) is about {human(cpu_worker)}: "
+                f"the lines above with a {human(CPU_FRAMEWORK_OVERHEAD)} host framework for the "
+                f"CUDA context, AdamW's CPU temporaries and glibc's heap (x{CPU_HEAP_FACTOR:g} "
+                "the fwd/bwd bytes)"
+            )
     elif w.workers_per_gpu > 1:
         notes.append(
             f"resources.gpus_per_worker={r.gpus_per_worker:g}: {w.workers_per_gpu} workers "
@@ -774,17 +1155,10 @@ def _notes(spec: JobSpec, w: Workload, lines: tuple[Line, ...], gpu: GPU | None)
         )
     if w.world_size == 1 and w.zero_stage > 0:
         notes.append("ZeRO partitions over the workers: with one worker it saves nothing")
-    if spec.attention.backend in ("sdpa", "flex", "blocksparse"):
-        without = peak([line for line in lines if line.component != "attention scores"])
-        would_fit = (
-            f", which fits on {gpu.name}"
-            if gpu is not None and without <= gpu.memory < peak(lines)
-            else ""
-        )
+    if w.doc_mask and any(line.component == "attention mask" for line in lines):
         notes.append(
-            f"backend {spec.attention.backend!r} recomputes attention scores in the backward "
-            "pass instead of storing them, so the 'attention scores' line is the paper's upper "
-            f"bound; without it the total is {human(without)}{would_fit}"
+            "the attention mask line counts packed samples of several documents "
+            "(training.document_masking); a batch whose rows are one document each gets none"
         )
     if spec.attention.backend == "blocksparse" and (r.gpu_type is not None or r.gpus_per_worker):
         qkv = any(line.component == "fp32 q, k, v" for line in lines)
@@ -823,12 +1197,19 @@ def headline(plan: Plan) -> str:
     sharing = f" ({w.workers_per_gpu} per GPU)" if w.workers_per_gpu > 1 else ""
     path = optimizer_path(w)
     runs = f" (DeepSpeed runs stage {path.stage})" if path.stage != w.zero_stage else ""
+    long = ""
+    if w.seq_parallel > 1:
+        long += f", sequence parallel {w.seq_parallel}"
+    if w.loss_chunk:
+        long += f", loss in chunks of {w.loss_chunk:,} tokens"
+    if w.mlp_chunk:
+        long += f", MLP in tiles of {w.mlp_chunk:,} tokens"
     return (
         f"{plan.job}: {w.params:,} params, {w.precision}, ZeRO-{w.zero_stage}{runs} "
         f"with {path.wrapper}"
         f"{' + offload ' + offload if offload else ''}, {w.world_size} "
         f"worker{'s' if w.world_size != 1 else ''}{sharing}, micro batch {w.micro_batch} x "
-        f"{lengths} tokens{', activation checkpointing' if w.checkpointing else ''}"
+        f"{lengths} tokens{', activation checkpointing' if w.checkpointing else ''}{long}"
     )
 
 

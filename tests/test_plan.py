@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import subprocess
 import sys
 import weakref
@@ -23,6 +24,9 @@ from torch.utils._pytree import tree_flatten
 from models import count_params
 from pipeline.config import load_spec
 from pipeline.plan import (
+    CPU_FRAMEWORK_OVERHEAD,
+    CPU_HEAP_FACTOR,
+    CPU_LOSS_CHUNK_HEAP,
     FRAMEWORK_OVERHEAD,
     GPUS,
     HELD,
@@ -38,10 +42,13 @@ from pipeline.plan import (
     find_gpu,
     gpu_total,
     headline,
+    host_total,
     human,
     model_state_lines,
     optimizer_path,
+    peak,
     plan_job,
+    predicted_peak_bytes,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,16 +224,18 @@ S, B, H, A, LAYERS, V = 1024, 2, 64, 4, 2, 512  # the workload() decoder
 def test_activations_follow_korthikanti_et_al():
     lines = {line.component: line.gpu for line in activation_lines(workload())}
     assert lines["activations"] == LAYERS * S * B * H * 34
-    assert lines["attention scores"] == LAYERS * 5 * A * S * S * B
+    # sdpa stores no scores: only the fp32 log-sum-exp of each query and head
+    assert lines["attention scores"] == LAYERS * 4 * A * S * B
     # fp32 log-softmax saved, its gradient, and the fp32 logits' gradient: 12 B per logit
     assert lines["logits"] == S * B * V * 12
     assert lines["framework"] == FRAMEWORK_OVERHEAD == GiB
     assert "fp32 q, k, v" not in lines  # sdpa keeps q, k, v in the model's dtype
+    assert "attention mask" not in lines  # no documents, no ALiBi: SDPA's own causal mask
     assert set(phases(activation_lines(workload())).values()) == {TRAIN, HELD}
 
     fp32 = {line.component: line.gpu for line in activation_lines(workload(precision="fp32"))}
     assert fp32["activations"] == 2 * lines["activations"]
-    assert fp32["attention scores"] == 2 * lines["attention scores"]
+    assert fp32["attention scores"] == lines["attention scores"]  # fp32 either way
     assert fp32["logits"] == lines["logits"]  # the loss is fp32 either way
 
 
@@ -251,14 +260,17 @@ def test_blocksparse_keeps_fp32_copies_of_q_k_v():
 def test_checkpointing_keeps_layer_inputs_and_one_full_layer():
     lines = {line.component: line.gpu for line in activation_lines(workload(checkpointing=True))}
     assert lines["activations"] == LAYERS * 2 * S * B * H + 34 * S * B * H
-    assert lines["attention scores"] == 5 * A * S * S * B
+    assert lines["attention scores"] == 4 * A * S * B  # the recomputed layer's log-sum-exp
+    stored = workload(checkpointing=True, backend="reference")
+    one = {line.component: line.gpu for line in activation_lines(stored)}
+    assert one["attention scores"] == 6 * A * S * S * B  # one layer's softmax, bf16
 
 
 def test_the_peak_is_what_is_held_plus_the_larger_phase():
     # bf16 ZeRO-2 over 8 with bf16 accumulation: activations outweigh the step
     w = workload(zero_stage=2, world_size=8)
     held = 2 * P + 2 * P // 8 + 12 * P // 8 + GiB
-    train = LAYERS * S * B * H * 34 + LAYERS * 5 * A * S * S * B + S * B * V * 12
+    train = LAYERS * S * B * H * 34 + LAYERS * 4 * A * S * B + S * B * V * 12
     assert gpu_total(w) == held + train
     # fp16 ZeRO-0 of a 1e9-parameter model with one short sequence: the step outweighs them
     big = workload(
@@ -278,6 +290,157 @@ def test_workers_sharing_a_gpu_add_up():
     one, two = workload(), workload(workers_per_gpu=2)
     assert gpu_total(two) == 2 * gpu_total(one)
     assert [line.gpu for line in estimate(two)] == [2 * line.gpu for line in estimate(one)]
+
+
+# --------------------------------------------------------------------------- long sequences
+
+
+def by_component(w: Workload) -> dict[str, int]:
+    return {line.component: line.gpu for line in estimate(w)}
+
+
+def detail(w: Workload, component: str) -> str:
+    return next(line.detail for line in estimate(w) if line.component == component)
+
+
+def test_sequence_parallel_divides_activations_scores_and_logits_per_rank():
+    one, two = by_component(workload()), by_component(workload(seq_parallel=2))
+    # each rank holds s/P tokens of every sample; its attention sees all s for a/P heads
+    assert two["activations"] == one["activations"] // 2 == LAYERS * (S // 2) * B * H * 34
+    assert two["attention scores"] == one["attention scores"] // 2 == LAYERS * 4 * A * S * B // 2
+    assert two["logits"] == one["logits"] // 2 == (S // 2) * B * V * 12
+    assert "s/P" in detail(workload(seq_parallel=2), "activations")
+    assert "s/P" in detail(workload(seq_parallel=2), "logits")
+    # ZeRO partitions over every rank, sequence-parallel ones included: states unchanged
+    assert states(workload(zero_stage=2, seq_parallel=2)) == states(workload(zero_stage=2))
+    # blocksparse's fp32 q (s/P tokens, all heads) and k, v (all s, kv/P heads): halved too
+    qkv = by_component(workload(fp32_qkv=True, seq_parallel=2))["fp32 q, k, v"]
+    assert qkv == LAYERS * 2 * B * ((S // 2) * H + 2 * S * (H // 2))
+    # a dense mask of packed documents covers the whole sequence on every rank
+    docs = by_component(workload(doc_mask=True, seq_parallel=2))["attention mask"]
+    assert docs == by_component(workload(doc_mask=True))["attention mask"] == B * S * S * 2
+
+
+def test_loss_chunk_tokens_shrink_the_logits_line_to_one_chunk():
+    base, chunked = by_component(workload()), by_component(workload(loss_chunk=256))
+    assert chunked["logits"] == 256 * V * 12  # one chunk's logits and their gradients
+    assert "C=256" in detail(workload(loss_chunk=256), "logits")
+    # nothing else changes: the hidden states the head reads are activations already
+    assert {k: v for k, v in chunked.items() if k != "logits"} == {
+        k: v for k, v in base.items() if k != "logits"
+    }
+    # chunks of the flattened (b, s) tokens; a chunk of them all is the whole, in one piece
+    assert by_component(workload(loss_chunk=S * B))["logits"] == base["logits"]
+    per_rank = by_component(workload(loss_chunk=S, seq_parallel=2))["logits"]
+    assert per_rank == (S // 2) * B * V * 12  # a rank's s/P * b tokens fit in one chunk
+
+
+def test_mlp_chunk_tokens_keep_the_mlps_input_and_one_tile():
+    t = 128
+    tiled = by_component(workload(mlp_chunk=t))
+    # per layer: the attention block 11 and its norm 2, and the tiled MLP's input 2 instead
+    # of its 19 and its norm's 2; plus one tile's 19*T*b*h while it is recomputed
+    assert tiled["activations"] == LAYERS * 15 * S * B * H + 19 * t * B * H
+    assert "tiled MLP" in detail(workload(mlp_chunk=t), "activations")
+    checkpointed = by_component(workload(mlp_chunk=t, checkpointing=True))
+    assert checkpointed["activations"] == LAYERS * 2 * S * B * H + 15 * S * B * H + 19 * t * B * H
+    fp32 = by_component(workload(mlp_chunk=t, precision="fp32"))
+    assert fp32["activations"] == 2 * tiled["activations"]
+    # a tile the length of the sequence runs the MLP in one piece
+    assert by_component(workload(mlp_chunk=S))["activations"] == LAYERS * 34 * S * B * H
+    # per rank: tiles of the rank's s/P tokens
+    sp = by_component(workload(mlp_chunk=t, seq_parallel=2))
+    assert sp["activations"] == LAYERS * 15 * (S // 2) * B * H + 19 * t * B * H
+
+
+def long_gpt2(seq_len: int, *overrides: str):
+    return load_spec(
+        None,
+        [
+            "model.preset=gpt2-small",
+            f"model.max_seq_len={seq_len}",
+            f"data.seq_len={seq_len}",
+            "training.precision=bf16",
+            "training.micro_batch_size=1",
+            "training.global_batch_size=8",
+            "training.document_masking=false",
+            "resources.num_workers=8",
+            "resources.gpus_per_worker=1",
+            "resources.gpu_type=H100-80GB",
+            "deepspeed.zero_stage=2",
+            *overrides,
+        ],
+    )
+
+
+def test_long_sequences_are_offered_loss_chunks_mlp_tiles_and_sequence_parallelism():
+    plan = plan_job(long_gpt2(131_072))
+    assert plan.fits is False
+    offered = {s.overrides[0].split("=")[0] for s in plan.suggestions}
+    assert {"training.loss_chunk_tokens", "resources.sequence_parallel"} <= offered
+    for s in plan.suggestions:  # each checked by planning the spec with its overrides
+        fixed = plan_job(long_gpt2(131_072, *s.overrides))
+        assert fixed.fits and fixed.gpu_total == s.gpu_total
+    # sequence parallelism only where the workers allow it: P divides them (and the heads)
+    lone = plan_job(long_gpt2(131_072, "resources.num_workers=1", "training.global_batch_size=1"))
+    assert not any("sequence_parallel" in o for s in lone.suggestions for o in s.overrides)
+    # MLP tiles: one worker whose loss runs in chunks already
+    chunked = ("resources.num_workers=1", "training.global_batch_size=1")
+    tight = plan_job(long_gpt2(262_144, *chunked, "training.loss_chunk_tokens=1024"))
+    tiles = [s for s in tight.suggestions if s.overrides == ("training.mlp_chunk_tokens=8192",)]
+    assert tiles and tiles[0].gpu_total <= GPUS["H100-80GB"].memory < tight.gpu_total
+
+
+# --------------------------------------------------------------------------- a CPU worker
+
+
+def test_predicted_peak_bytes_of_a_cpu_worker_by_hand():
+    spec = load_spec(ROOT / "jobs/decoder-tiny.yaml", ["training.document_masking=false"])
+    w = plan_job(spec).workload
+    p, s, b, h, a, layers, vocab = w.params, 128, 4, 64, 4, 2, 512
+    assert (w.stacks[0].seq_len, w.micro_batch, w.d_model, w.vocab_size) == (s, b, h, vocab)
+    # fp32 ZeRO-0 in one process: 451 MiB of torch and DeepSpeed, 16 B/param of states
+    held = CPU_FRAMEWORK_OVERHEAD + (4 + 4 + 8) * p
+    # fp32 activations, sdpa's log-sum-exp, the logits; glibc's heap holds 1.75x of them
+    train = layers * 34 * 2 * s * b * h + layers * 4 * a * s * b + s * b * vocab * 12
+    assert abs(predicted_peak_bytes(spec) - (held + CPU_HEAP_FACTOR * train)) <= 1
+    # the optimizer step is smaller: AdamW on CPU, sqrt(v) and its quotient per tensor
+    assert 8 * w.largest_module < CPU_HEAP_FACTOR * train
+    plan = plan_job(spec)
+    assert plan.to_json()["cpu_worker_peak_bytes"] == predicted_peak_bytes(spec)
+    assert any("as a CPU worker process its peak memory (RSS) is about" in n for n in plan.notes)
+    # a GPU spec: the per-GPU peak of the plan
+    gpu = load_spec(ROOT / "jobs/decoder-tiny.yaml", ["resources.gpus_per_worker=1"])
+    assert predicted_peak_bytes(gpu) == plan_job(gpu).gpu_total
+    assert plan_job(gpu).to_json()["cpu_worker_peak_bytes"] is None
+
+
+def test_a_cpu_workers_heap_spares_mmapped_tensors_and_follows_a_chunked_loss():
+    cpu = workload(precision="fp32", device="cpu", world_size=1, global_batch=2)
+    lines = by_component(cpu)
+    live = lines["activations"] + lines["attention scores"] + lines["logits"]
+    assert lines["allocator"] == round((CPU_HEAP_FACTOR - 1) * live)
+    assert lines["framework"] == CPU_FRAMEWORK_OVERHEAD
+    # logits tensors of 1 GiB or more are mmapped (CPU_WORKER_ENV): no heap over them
+    big = replace(
+        cpu, vocab_size=2**17, logits_len=2048, stacks=(Stack("decoder", 2, 2048, 2048.0),)
+    )
+    big_lines = by_component(big)
+    assert 2048 * B * 2**17 * 4 >= 2**30
+    heap = big_lines["activations"] + big_lines["attention scores"]
+    assert big_lines["allocator"] == round((CPU_HEAP_FACTOR - 1) * heap)
+    # a chunked loss's trail: CPU_LOSS_CHUNK_HEAP x the geometric mean of the whole logits'
+    # bytes and one chunk's, where that is under CPU_HEAP_FACTOR x the whole
+    chunked = by_component(replace(cpu, loss_chunk=64))
+    whole, chunk = S * B * V * 12, 64 * V * 12
+    rest = chunked["activations"] + chunked["attention scores"]
+    trail = min(CPU_LOSS_CHUNK_HEAP * math.sqrt(whole * chunk), CPU_HEAP_FACTOR * whole)
+    assert chunked["logits"] == chunk
+    assert abs(chunked["allocator"] - ((CPU_HEAP_FACTOR - 1) * rest + trail - chunk)) <= 1
+    # what a CPU process offloads to itself is in its peak
+    offloaded = workload(device="cpu", zero_stage=2, offload_optimizer=True, world_size=1)
+    host = host_total(offloaded)
+    assert host == peak(estimate(offloaded)) + sum(x.cpu for x in estimate(offloaded))
 
 
 # --------------------------------------------------------------------------- measured
@@ -329,34 +492,58 @@ class LiveBytes(TorchDispatchMode):
 
 
 class Logits(torch.nn.Module):
-    """Just an embedding and an output layer: what remains is the loss on the logits."""
+    """Just an embedding and the LM head, whose loss runs as the models' does (models/loss.py,
+    in chunks of `chunk_tokens` when set): what remains is the loss on the logits."""
 
-    def __init__(self, vocab: int, width: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, vocab: int, width: int, dtype: torch.dtype, chunk_tokens: int | None = None
+    ) -> None:
+        from models.loss import LMHead
+
         super().__init__()
         self.emb = torch.nn.Embedding(vocab, width, dtype=dtype)
-        self.head = torch.nn.Linear(width, vocab, bias=False, dtype=dtype)
+        self.head = LMHead(width, vocab, bias=False, dtype=dtype)
+        self.head.chunk_tokens = chunk_tokens
 
-    def forward(self, ids, **_):
-        return self.head(self.emb(ids))
+    def forward(self, ids, labels=None, **_):
+        return self.head(self.emb(ids), labels)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_logits_peak_at_12_bytes_each_at_the_start_of_backward(dtype):
+def loss_bytes(dtype: torch.dtype, chunk_tokens: int | None = None) -> tuple[int, int]:
+    """(bytes held after the forward pass, peak over them in backward) of the causal-LM loss
+    of a batch of 2 x 256 tokens over a 2,048 vocabulary, as attnpipe's objective runs it."""
     from pipeline.train.objectives import Objective
 
     b, s, vocab = 2, 256, 2048
-    model = Logits(vocab, 16, dtype)
+    model = Logits(vocab, 16, dtype, chunk_tokens)
     batch = np.stack([np.random.randint(0, vocab, (b, s + 1)), np.ones((b, s + 1))], axis=1)
     objective = Objective("decoder", special_ids={}, document_masking=False)
     with LiveBytes() as mode:
         loss, _ = objective.loss(model, batch.astype(np.uint32))
         held = mode.settle()
         loss.backward()
-    logits = b * s * vocab
+    return held, mode.peak
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_logits_peak_at_12_bytes_each_at_the_start_of_backward(dtype):
+    held, peak_bytes = loss_bytes(dtype)
+    logits = 2 * 256 * 2048
     # the fp32 log-softmax (4 B) stays for backward, which adds its gradient and the fp32
     # logits' gradient (4 + 4) before freeing anything: 12 B per logit, in either dtype
     assert round(held / logits, 1) == 4.0
-    assert round(mode.peak / logits, 1) == 12.0
+    assert round(peak_bytes / logits, 1) == 12.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_chunked_loss_peaks_at_one_chunks_12_bytes_a_logit(dtype):
+    held, peak_bytes = loss_bytes(dtype, chunk_tokens=128)
+    chunk = 128 * 2048  # logits of one chunk of 128 tokens
+    assert held < chunk  # no logits kept after the forward pass: each chunk is recomputed
+    # backward recomputes a chunk and frees it before the next: 12 B per logit of one chunk,
+    # beside the head's weight gradient (2,048 x 16 x 4 B: 0.25 B per chunk logit) and the
+    # hidden states' (512 x 16)
+    assert 12.0 <= (peak_bytes - held) / chunk < 13.0
 
 
 def attention_bytes(backend: str, kv_heads: int, s: int = 512, b: int = 2) -> int:
@@ -523,7 +710,8 @@ def test_llama_7b_fits_with_zero3_over_8_workers():
     train = (
         (2 + 2) * LLAMA_EMBEDDING  # the gathered module and its gradient
         + layers * 34 * s * h  # activations
-        + layers * 5 * a * s * s  # attention scores
+        + layers * 4 * a * s  # sdpa stores no scores: the fp32 log-sum-exp per query and head
+        + s * s * 2  # the per-batch bf16 mask of packed documents (training.document_masking)
         + s * vocab * 12  # logits
     )
     step = (4 + 4) * part  # a flat fp32 gradient copy and AdamW's sqrt(v), one sub-group
@@ -628,28 +816,57 @@ def test_blocksparse_in_bf16_plans_its_fp32_q_k_v():
     assert "fp32 q, k, v" not in {line.component for line in flex.lines}
 
 
-def test_sparse_attention_stores_fewer_scores_than_dense():
+def test_only_the_reference_backend_stores_scores_and_it_scores_every_key():
     common = ["model.preset=tiny", "model.positional=rope", "data.seq_len=8192"]
-    dense = plan_job(load_spec(None, common))
-    sparse = plan_job(
-        load_spec(
-            None,
-            [
-                *common,
-                "attention.pattern=sliding_window",
-                "attention.params={window: 256}",
-                "attention.backend=blocksparse",
-            ],
-        )
+    window = ["attention.pattern=sliding_window", "attention.params={window: 256}"]
+    off = ["training.document_masking=false"]  # no per-batch mask: the scores alone
+    dense = plan_job(load_spec(None, [*common, *off]))
+    sparse = plan_job(load_spec(None, [*common, *off, *window, "attention.backend=blocksparse"]))
+    flex = plan_job(load_spec(None, [*common, *off, *window, "attention.backend=flex"]))
+    reference = plan_job(load_spec(None, [*common, *off, *window, "attention.backend=reference"]))
+
+    def line(plan, component="attention scores"):
+        return next((x.gpu for x in plan.lines if x.component == component), None)
+
+    s, a, layers = 8192, 4, 2  # tiny: 2 layers, 4 heads; fp32; micro batch 1 (defaults)
+    b = dense.workload.micro_batch
+    assert dense.workload.stacks[0].keys_per_query == s
+    assert 256 <= sparse.workload.stacks[0].keys_per_query <= 256 + 2 * 64  # window + tiles
+    # sdpa and flex recompute the scores from the fp32 log-sum-exp of each query and head
+    assert line(dense) == line(flex) == layers * 4 * a * s * b
+    assert line(sparse) == 0  # blocksparse recomputes each block's softmax in full
+    # reference scores all s keys whatever the pattern, and keeps its fp32 softmax, 4 B each
+    assert reference.workload.stacks[0].keys_per_query == s
+    assert line(reference) == layers * a * s * s * b * 4
+    assert line(reference, "attention mask") == s * s * 4  # its dense mask, once a batch
+    assert line(dense, "attention mask") is None
+    assert sparse.gpu_total < dense.gpu_total < reference.gpu_total
+
+
+def test_reference_keeps_6_bytes_a_score_in_bf16_more_with_dropout():
+    ref = {x.component: x.gpu for x in activation_lines(workload(backend="reference"))}
+    assert ref["attention scores"] == LAYERS * 6 * A * S * S * B  # fp32 softmax + bf16 copy
+    drop = workload(backend="reference", dropout=True)
+    with_dropout = {x.component: x.gpu for x in activation_lines(drop)}
+    # fp32 softmax 4, the dropout's mask 1 and its bf16 output 2 (no separate cast kept)
+    assert with_dropout["attention scores"] == LAYERS * 7 * A * S * S * B
+    fp32 = workload(backend="reference", precision="fp32", dropout=True)
+    assert {x.component: x.gpu for x in activation_lines(fp32)}["attention scores"] == (
+        LAYERS * 9 * A * S * S * B
     )
 
-    def scores(plan):
-        return next(line.gpu for line in plan.lines if line.component == "attention scores")
 
-    assert dense.workload.stacks[0].keys_per_query == 8192
-    assert 256 <= sparse.workload.stacks[0].keys_per_query <= 256 + 2 * 64  # window + tiles
-    assert scores(sparse) < scores(dense) / 20
-    assert sparse.gpu_total < dense.gpu_total
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_the_attention_backends_keep_what_the_planner_counts(backend):
+    # measured: one more bf16 attention layer (d_model 128, 4 heads, s 512, b 2) keeps its
+    # input and the output projection's input (bf16), q, k and v (bf16), and its scores as
+    # the planner counts them: reference its softmax, 6 B a score; sdpa a fp32 log-sum-exp
+    s, b, h, a = 512, 2, 128, 4
+    one_layer = (Stack("decoder", 1, s, float(s)),)
+    w = workload(backend=backend, d_model=h, n_heads=a, micro_batch=b, stacks=one_layer)
+    scores = next(x.gpu for x in activation_lines(w) if x.component == "attention scores")
+    assert scores == {"reference": 6 * a * s * s * b, "sdpa": 4 * a * s * b}[backend]
+    assert attention_bytes(backend, 4) == 2 * 2 * s * b * h + 2 * s * b * 3 * h + scores
 
 
 def test_encoder_decoder_has_both_stacks_and_cross_attention():
@@ -723,7 +940,8 @@ def test_cli_plan_json_has_every_number():
     # by hand: GPT-2 small, bf16 ZeRO-2 over 8 accumulating in fp32, micro batch 16 x 1,024
     p, s, b, h, a, layers, vocab = 124_439_808, 1024, 16, 768, 12, 12, 50257
     held = 2 * p + (4 + 12) * p // 8 + GiB
-    train = layers * 34 * s * b * h + layers * 5 * a * s * s * b + s * b * vocab * 12
+    # activations, sdpa's log-sum-exp (no scores stored), the documents' bf16 mask, logits
+    train = layers * 34 * s * b * h + layers * 4 * a * s * b + b * s * s * 2 + s * b * vocab * 12
     step = 4 * p // 8  # AdamW's sqrt(v); the fp32 gradient partition exists already
     assert plan["gpu_phase_bytes"] == {
         "always": held,
