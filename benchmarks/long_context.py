@@ -144,6 +144,7 @@ def _rank(rank: int, c: dict[str, Any], port: int, out: str) -> None:
     )
     from pipeline.config import load_spec
     from pipeline.train.deepspeed_config import deepspeed_config
+    from pipeline.train.objectives import LossParts
 
     p = c["sp"]
     init_loopback_group(rank, p, port)
@@ -187,7 +188,8 @@ def _rank(rank: int, c: dict[str, Any], port: int, out: str) -> None:
         a2a[0] = 0.0
         start = time.perf_counter()
         loss_sum = engine(inputs, labels=labels)
-        engine.backward(loss_sum * p / labels.numel())  # the group's token mean
+        parts = LossParts(loss_sum, labels.numel() // p, labels.numel())
+        engine.backward(parts.mean(p))  # the group's token mean, as the workers take it
         engine.step()
         total = loss_sum.detach().clone()
         if sp is not None:

@@ -126,6 +126,11 @@ class Attention(nn.Module):
                 k, v = cache.append(k, v)  # (B, Hkv, T + L, D)
         sp, heads = batch.sp, slice(None)
         if sp is not None:  # trade this rank's slice of every head for all of its own heads
+            if cache is not None or self.capture:
+                raise ValueError(
+                    "sequence parallelism trains and evaluates: decoding and attention maps "
+                    "run without it"
+                )
             q, k, v = sp.to_heads(q), sp.to_heads_kv(k), sp.to_heads_kv(v)  # (B, H/P, S, D)
             heads = sp.heads(self.n_heads)
         if self.span is not None:  # learned spans decide which keys are scored
@@ -136,8 +141,6 @@ class Attention(nn.Module):
             out = self.backend.attend(q, k, v, batch.prepared, dropout_p)  # (B, H, L, D)
         if sp is not None:
             out = sp.to_sequence(out)  # (B, H, S/P, D)
-        if self.capture and sp is not None:
-            raise ValueError("attention maps are drawn without sequence parallelism")
         if self.capture:
             probs = (
                 self.span.probs(q, k, batch.geo.q_offset)
@@ -208,7 +211,7 @@ class Block(nn.Module):
         (L, ffn_dim) activations live at once."""
         chunk = self.mlp_chunk_tokens
         if chunk is None or chunk >= x.shape[1] or not torch.is_grad_enabled():
-            return self.mlp(self.mlp_norm(x))
+            return self._norm_mlp(x)
         parts = [
             checkpoint(self._norm_mlp, x[:, i : i + chunk], use_reentrant=False)
             for i in range(0, x.shape[1], chunk)

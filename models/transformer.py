@@ -130,8 +130,6 @@ class TransformerStack(nn.Module):
         sp, backend, slopes = self.sp, self.backend, self.alibi
         first, last = q_offset, q_offset + q_len  # the positions this rank embeds
         if sp is not None:
-            if q_offset:
-                raise ValueError("sequence parallelism trains and evaluates; it does not decode")
             assert self.sp_backend is not None
             backend, (first, last) = self.sp_backend, sp.span(q_len)
             slopes = slopes[sp.heads(self.n_heads)] if slopes is not None else None
@@ -149,6 +147,16 @@ class TransformerStack(nn.Module):
             positions = torch.arange(first, last, device=like.device)
             rope = rope_cos_sin(positions, self.head_dim, self.rope_theta)
         return AttentionBatch(geo, backend.prepare(geo, like.dtype), rope, sp)
+
+    def local(self, x: Tensor | None) -> Tensor | None:
+        """This rank's slice of a whole-sequence (B, S, ...) tensor; x itself without
+        sequence parallelism."""
+        return x if self.sp is None or x is None else self.sp.local(x)
+
+    def slice_start(self, length: int) -> int:
+        """The position of this rank's first token in a sequence of `length` (0 without
+        sequence parallelism): where it embeds its slice."""
+        return 0 if self.sp is None else self.sp.span(length)[0]
 
     def cross_batch(
         self, q_len: int, memory: Tensor, memory_padding_mask: Tensor | None
@@ -238,14 +246,11 @@ class DecoderLM(nn.Module):
         offset = cache.length if cache is not None else 0
         if cache is not None and (key_padding_mask is not None or document_ids is not None):
             raise ValueError("KV-cache decoding takes unpadded, single-document prompts")
-        ids, labels = _local(self.decoder.sp, input_ids, labels)
-        if self.decoder.sp is not None and cache is None:
-            offset = self.decoder.sp.span(input_ids.shape[1])[0]  # embed at global positions
-        x = self.embed(ids, offset)
-        batch = self.decoder.attention_batch(
-            input_ids.shape[1], 0 if self.decoder.sp else offset, key_padding_mask, x, document_ids
-        )
-        return self.lm_head(self.decoder(x, batch, cache=cache), labels)  # (B, S, V) or loss
+        length = input_ids.shape[1]
+        x = self.embed(self.decoder.local(input_ids), offset + self.decoder.slice_start(length))
+        batch = self.decoder.attention_batch(length, offset, key_padding_mask, x, document_ids)
+        h = self.decoder(x, batch, cache=cache)
+        return self.lm_head(h, self.decoder.local(labels))  # (B, S, V) or the loss
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.decoder.blocks))
@@ -275,9 +280,8 @@ class EncoderMLM(nn.Module):
     ) -> Tensor:
         """(B, S) token ids -> (B, S, C) contextual states (sequence parallel: of this
         rank's slice)."""
-        sp = self.encoder.sp
-        ids, _ = _local(sp, input_ids, None)
-        x = self.embed(ids, sp.span(input_ids.shape[1])[0] if sp is not None else 0)
+        length = input_ids.shape[1]
+        x = self.embed(self.encoder.local(input_ids), self.encoder.slice_start(length))
         batch = self.encoder.attention_batch(
             input_ids.shape[1], 0, key_padding_mask, x, document_ids
         )
@@ -293,7 +297,7 @@ class EncoderMLM(nn.Module):
         """The logits (B, S, V); with labels, the summed cross-entropy (0-d fp32)."""
         h = self.encode(input_ids, key_padding_mask, document_ids)
         h = self.head_norm(nn.functional.gelu(self.head_transform(h)))
-        return self.lm_head(h, _local(self.encoder.sp, None, labels)[1])  # (B, S, V) or loss
+        return self.lm_head(h, self.encoder.local(labels))  # (B, S, V) or the loss
 
 
 class EncoderDecoderLM(nn.Module):
@@ -377,18 +381,6 @@ def set_mlp_chunking(model: nn.Module, tokens: int | None) -> None:
     for block in model.modules():
         if isinstance(block, Block):
             block.mlp_chunk_tokens = tokens
-
-
-def _local(
-    sp: SequenceParallel | None, ids: Tensor | None, labels: Tensor | None
-) -> tuple[Tensor | None, Tensor | None]:
-    """This rank's slices of whole-sequence ids and labels (both unchanged without sp)."""
-    if sp is None:
-        return ids, labels
-    return (
-        sp.local(ids) if ids is not None else None,
-        sp.local(labels) if labels is not None else None,
-    )
 
 
 def build_model(cfg: ModelConfig, attention: AttentionConfig | None = None) -> nn.Module:

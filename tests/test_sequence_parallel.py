@@ -134,6 +134,13 @@ def _model_cases(rank: int, port: int, out: str) -> None:
                 dist.all_reduce(g, group=sp.group)
                 diff[n] = float((g - grads[n]).abs().max()) / scale
             results[name] = {"diff": diff, "loss": float(loss), "slice_loss": float(local_loss)}
+        model = _model("decoder", "rope", 4, "dense", "sdpa", {}, False)
+        set_sequence_parallel(model, sp)
+        try:  # a KV cache would keep this rank's slice of the keys: refused, not wrong
+            model(_inputs("none", "decoder")["input_ids"], cache=model.new_cache())
+            results["decoding"] = "ran"
+        except ValueError as exc:
+            results["decoding"] = str(exc)
         for name, pattern, params, masks in FLEX_CASES:
             model = _model("decoder", "rope", 2, pattern, "flex", params, False)
             inputs = {**_inputs(masks, "decoder"), "labels": None}
@@ -307,3 +314,10 @@ def test_a_sequence_parallel_run_resumes_bitwise(engine_runs):
     for rank in (0, 1):
         result = json.loads((engine_runs / f"resume-{rank}.json").read_text())
         assert result == {"same": True, "moved": True}, result
+
+
+def test_decoding_under_sequence_parallelism_is_refused(model_results):
+    for rank in (0, 1):
+        assert model_results[rank]["decoding"] == (
+            "sequence parallelism trains and evaluates: decoding and attention maps run without it"
+        )

@@ -112,12 +112,8 @@ class Worker:
     def build(self) -> None:
         import deepspeed
 
-        from models.parallel import sequence_groups
-
-        self.sp = sequence_groups(self.sp_size)  # every rank creates every group
-
         from models.attention.adaptive_span import span_modules
-        from models.parallel import set_sequence_parallel
+        from models.parallel import sequence_groups, set_sequence_parallel
         from models.transformer import (
             build_model,
             set_activation_checkpointing,
@@ -125,6 +121,7 @@ class Worker:
             set_mlp_chunking,
         )
 
+        self.sp = sequence_groups(self.sp_size)  # every rank creates every group
         spec, t = self.spec, self.spec.training
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         model = build_model(spec.model.architecture(), spec.attention)
