@@ -370,16 +370,22 @@ def test_chunked_loss_and_tiled_mlp_equal_the_whole_sequence(family):
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
+    # the reference: autograd's cross-entropy over the whole logits
+    model.zero_grad()
     logits = model(*args)
     expected = torch.nn.functional.cross_entropy(
         logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
     )
-    loss, grads = loss_and_grads()
+    expected.backward()
+    autograd = {n: p.grad.clone() for n, p in model.named_parameters()}
+    loss, grads = loss_and_grads()  # the fused head and loss (models/loss.py)
     assert torch.allclose(loss, expected, rtol=1e-12)
+    for n, grad in autograd.items():
+        assert torch.allclose(grads[n], grad, rtol=1e-9, atol=1e-12), n
     set_loss_chunking(model, 7)
     set_mlp_chunking(model, 9)
     chunked, chunked_grads = loss_and_grads()
     assert torch.allclose(chunked, loss, rtol=1e-12)
     for n, grad in grads.items():
         assert torch.allclose(chunked_grads[n], grad, rtol=1e-9, atol=1e-12), n
-    assert torch.allclose(model(*args), logits, rtol=1e-12, atol=1e-14)  # no labels: logits
+    assert torch.allclose(model(*args), logits.detach(), rtol=1e-12, atol=1e-14)  # no labels
