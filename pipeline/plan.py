@@ -71,13 +71,13 @@ layers: b*s^2 in the model's dtype for packed documents (`training.document_mask
 decoder or encoder), a*s^2 for ALiBi's bias. A k-keys sparse pattern is read from the
 pattern's block layout.
 
-The logits cost 12 bytes per element at the start of backward, in either precision: the
-loss (models/loss.py: `F.cross_entropy(logits.float(), ...)`) saves its fp32 log-softmax
-(4), and backward makes its gradient (4) and the gradient of the fp32 logits (4) before the
-first is freed.
-The forward pass peaks lower (bf16: the logits 2 + their fp32 copy 4 + the log-softmax 4).
-With `training.loss_chunk_tokens` C the LM head and the loss run on C tokens at a time under
-checkpoint (models/loss.py): the logits line is one chunk, C*V*12 bytes.
+The logits cost (the model dtype's bytes + 4) per element, at the end of forward: the LM
+head and its loss are one fused function (models/loss.py) that computes the logits into one
+buffer, their fp32 log-softmax into another, turns that into the logits' gradient in place
+and from it the gradients of the hidden states (s*b*h in the model's dtype, kept until
+backward) and of the head's weight; nothing of the logits outlives forward. With
+`training.loss_chunk_tokens` C the two buffers hold C tokens, reused chunk after chunk: the
+logits line is C*V*(2|4 + 4) bytes, plus the hidden states' gradient.
 
 Sequence parallelism (`resources.sequence_parallel` P, Ulysses): each rank keeps a 1/P slice
 of every sample (embeddings, norms, MLPs, the residual stream, the logits and the loss), and
@@ -89,13 +89,15 @@ A CPU worker (gpus_per_worker 0) is planned with the same lines, in its one proc
 host-side framework (CPU_FRAMEWORK_OVERHEAD, measured) instead of a CUDA context, offloaded
 states in the same memory, AdamW's CPU temporaries, and an "allocator" line for glibc's heap:
 the peak RSS, `predicted_peak_bytes`. Under the malloc settings CPU workers run with
-(pipeline.train.ops.CPU_WORKER_ENV) glibc 2.36 holds far more than the live tensors, and how
-much depends on the allocation pattern: measured, 1.5-1.9x the forward/backward bytes of
-whole-sequence steps (CPU_HEAP_FACTOR), a chunked loss's loop about as much as the whole
-logits would take (CPU_LOSS_CHUNK_HEAP), and sequence parallelism one forward pass's
-all-to-all buffers on top. Fitted to 2-step runs of a 4-layer d256 decoder at 4K-64K tokens
-(dense, sliding window, BigBird; chunked loss and MLP; checkpointing; P=2), the prediction
-was within 15% of the measured ru_maxrss in every one; outside that range it is an estimate.
+(pipeline.train.ops.CPU_WORKER_ENV) glibc 2.36 holds more than the live tensors: measured,
+1.5-1.9x the forward/backward bytes (CPU_HEAP_FACTOR), and with sequence parallelism one
+forward pass's all-to-all buffers on top; tensors of 1 GiB or more are mapped and returned
+whole. With glibc's defaults (`worker_malloc=False`) every tensor above 32 MiB is mapped and
+returned, and the heap factor applies only to smaller ones. Checked against the measured
+ru_maxrss of whole DeepSpeed steps of a 4-layer d256 decoder at 4K-262K tokens (dense,
+sliding window, Longformer, BigBird; the chunked loss at an 8K and a 32K vocabulary;
+checkpointing and tiled MLP; P=2) in benchmarks/results/long_context.json; outside that
+range it is an estimate.
 Not counted anywhere: communication buckets, all-to-all buffers on GPUs, allocator
 fragmentation on GPUs, the data loader, blocksparse's plan (a few MB).
 
@@ -135,15 +137,10 @@ CPU_FRAMEWORK_OVERHEAD = 451 * MiB
 # dense sdpa, sliding window and BigBird blocksparse): the heap held 1.48-1.92x the forward /
 # backward bytes, median 1.75; tensors of 1 GiB or more are mmapped and returned whole.
 CPU_HEAP_FACTOR = 1.75
-# A chunked loss (training.loss_chunk_tokens) in that heap: every chunk allocates and frees
-# logits-sized blocks of the same size, forward and again in backward, which glibc 2.36 can
-# reuse only once freed neighbours coalesce, so the loop leaves a trail that grows with the
-# whole logits, not with one chunk: measured (the LM head and loss alone, V 8192, 2 steps):
-# 16K tokens in chunks of 1K, 2K, 4K held 0.94, 1.44, 2.14 GiB (one chunk's tensors: 0.09,
-# 0.19, 0.38 GiB; the whole logits': 1.5 GiB), 8K in 2K chunks 1.06 GiB; about 2.8 x the
-# geometric mean of the whole logits' bytes and one chunk's. (With glibc's malloc defaults
-# the same loops held 0.35-0.55 GiB: chunks above 32 MiB are mmapped and returned.)
-CPU_LOSS_CHUNK_HEAP = 2.8
+# glibc's own mmap threshold rises with the blocks freed, up to DEFAULT_MMAP_THRESHOLD_MAX
+# (32 MiB on 64-bit): with its defaults every tensor larger than this is mapped and returned
+# whole, so the heap factor applies only below it.
+GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
 # DeepSpeed's zero_optimization.sub_group_size default (runtime/zero/config.py), which
 # attnpipe's config leaves alone: ZeRO-3 steps its partition in sub-groups of this many
 # parameters (a sub-group closes at the first parameter that reaches it).
@@ -263,6 +260,7 @@ class Workload:
     loss_chunk: int | None = None  # training.loss_chunk_tokens
     mlp_chunk: int | None = None  # training.mlp_chunk_tokens
     device: str = "cuda"  # "cpu": one CPU worker process (its host memory)
+    worker_malloc: bool = True  # a CPU worker's glibc runs with CPU_WORKER_ENV (else defaults)
     # What DeepSpeed runs for each ZeRO setting the planner may try, (zero_stage,
     # offload_optimizer, offload_params) -> (its ZeRO stage, gradient accumulation dtype),
     # read from the config the workers get; a setting not listed runs as written and
@@ -555,7 +553,8 @@ def activation_lines(w: Workload) -> list[Line]:
         act_how += f"; + one MLP tile, 19*T*b*h (T={w.mlp_chunk:,})"
     act_how += _per_rank(w)
     lines = [
-        Line("activations", act, 0, act_how, TRAIN),
+        # its tensors are a rank's (s/P, b, h) or a few times that (the CPU heap model's size)
+        Line("activations", act, 0, act_how, TRAIN, tensor=activation_tensor(w)),
         Line("attention scores", att, 0, _scores_how(w, kind, layers), TRAIN),
     ]
     if extra:
@@ -572,15 +571,18 @@ def activation_lines(w: Workload) -> list[Line]:
     tokens = w.logits_len // p * b  # the LM head's and the loss's, on this rank
     chunked = w.loss_chunk is not None and w.loss_chunk < tokens
     rows = w.loss_chunk if chunked and w.loss_chunk else tokens
-    what = "fp32 log-softmax + its grad + the fp32 logits' grad"
+    each = _BYTES[w.precision]
+    what = (
+        f"the logits ({each} B) and their fp32 log-softmax (4 B); + the gradients of the hidden "
+        f"states, s*b*h x {each} B, and of the head, V*h x 4 B"
+    )
     how = (
-        f"one chunk of C={rows:,} tokens x V x 12 B (loss_chunk_tokens, recomputed): {what}"
+        f"one chunk of C={rows:,} tokens x V x {each + 4} B (loss_chunk_tokens): {what}"
         if chunked
-        else f"s*b*V x 12 B: {what}" + _per_rank(w)
+        else f"s*b*V x {each + 4} B: {what}" + _per_rank(w)
     )
-    lines.append(
-        Line("logits", rows * w.vocab_size * 12, 0, how, TRAIN, tensor=rows * w.vocab_size * 4)
-    )
+    held = loss_bytes(tokens, rows, w.vocab_size, h, each)
+    lines.append(Line("logits", held, 0, how, TRAIN, tensor=rows * w.vocab_size * 4))
     if w.device == "cpu":
         lines.append(
             Line(
@@ -593,6 +595,20 @@ def activation_lines(w: Workload) -> list[Line]:
     else:
         lines.append(Line("framework", FRAMEWORK_OVERHEAD, 0, "1 GiB/process: CUDA context etc."))
     return lines
+
+
+def loss_bytes(tokens: int, rows: int, vocab: int, width: int, each: int) -> int:
+    """What the fused LM head and loss (models/loss.py) hold at the end of forward, on `tokens`
+    tokens in chunks of `rows`: the logits buffer in the model's dtype (`each` bytes) and the
+    fp32 log-softmax's, the hidden states' gradient, the head weight's fp32 gradient."""
+    return rows * vocab * (each + 4) + tokens * width * each + vocab * width * 4
+
+
+def activation_tensor(w: Workload) -> int:
+    """Bytes of one activation tensor of the longest stack, a rank's (s/P, b, h) slice in the
+    model's dtype: the size the CPU heap model tests against glibc's mmap threshold."""
+    tokens = max(st.seq_len for st in w.stacks) // w.seq_parallel * w.micro_batch
+    return tokens * w.d_model * _BYTES[w.precision]
 
 
 def _body_how(w: Workload, units: Any) -> str:
@@ -667,24 +683,26 @@ def _keys(stacks: tuple[Stack, ...]) -> str:
 
 def heap_line(w: Workload, lines: list[Line]) -> Line:
     """A CPU worker's glibc heap beyond its live forward/backward tensors: CPU_HEAP_FACTOR
-    times their bytes, a chunked loss's loop as CPU_LOSS_CHUNK_HEAP says, and with sequence
+    times their bytes, and with sequence
     parallelism one forward pass's all-to-all buffers; tensors at or above the worker's mmap
     threshold are mapped and returned whole."""
     from pipeline.train.ops import CPU_WORKER_ENV
 
-    threshold = int(CPU_WORKER_ENV["MALLOC_MMAP_THRESHOLD_"])
+    threshold = (
+        int(CPU_WORKER_ENV["MALLOC_MMAP_THRESHOLD_"])
+        if w.worker_malloc
+        else GLIBC_MMAP_THRESHOLD_MAX
+    )
     live = heap = 0.0
     for line in lines:
         if line.phase != TRAIN or line.tensor >= threshold:
             continue
         live += line.gpu
         heap += CPU_HEAP_FACTOR * line.gpu
-        whole = w.logits_len // w.seq_parallel * w.micro_batch * w.vocab_size * 12
-        if line.component == "logits" and line.gpu < whole:
-            # the chunks' trail, at most what the whole logits would take
-            trail = CPU_LOSS_CHUNK_HEAP * math.sqrt(whole * line.gpu)
-            heap += min(trail, CPU_HEAP_FACTOR * whole) - CPU_HEAP_FACTOR * line.gpu
-    if w.seq_parallel > 1:
+    # with sequence parallelism, one all-to-all buffer is a rank's slice of the residual
+    buffer = max(st.seq_len for st in w.stacks) // w.seq_parallel * w.micro_batch * w.d_model
+    sp_buffers = w.seq_parallel > 1 and buffer * _BYTES[w.precision] < threshold
+    if sp_buffers:
         # models/parallel.py: each all-to-all stacks its input into a send buffer and
         # receives into another, for q, k, v and the output of every layer; freed blocks of
         # the same size are not reused (see CPU_HEAP_FACTOR), so about one forward pass's
@@ -696,16 +714,10 @@ def heap_line(w: Workload, lines: list[Line]) -> Line:
             * each
             * (_BYTES[w.precision])
         )
-    extras = [
-        text
-        for text, on in (
-            ("the chunked loss's trail", w.loss_chunk),
-            ("one forward's all-to-all buffers", w.seq_parallel > 1),
-        )
-        if on
-    ]
+    extras = [text for text, on in (("one forward's all-to-all buffers", sp_buffers),) if on]
     how = (
-        f"glibc heap (CPU_WORKER_ENV): x{CPU_HEAP_FACTOR:g} the fwd/bwd tensors under "
+        f"glibc heap ({'CPU_WORKER_ENV' if w.worker_malloc else 'malloc defaults'}): "
+        f"x{CPU_HEAP_FACTOR:g} the fwd/bwd tensors under "
         f"{human(threshold)}{''.join(', ' + e for e in extras)} (measured)"
     )
     return Line("allocator", max(0, round(heap - live)), 0, how, TRAIN)
@@ -1117,12 +1129,14 @@ def plan_job(spec: JobSpec, source: str = "<spec>") -> Plan:
     return Plan(spec.job.name, w, lines, gpu, found, notes, cpu_worker)
 
 
-def predicted_peak_bytes(spec: JobSpec) -> int:
+def predicted_peak_bytes(spec: JobSpec, worker_malloc: bool = True) -> int:
     """The peak memory of one training worker: for a CPU spec (gpus_per_worker 0) its
     process's peak host memory, the RSS `ru_maxrss` reports (framework, model states and
     what it offloads to itself, activations, scores, masks, logits, the optimizer step's
-    temporaries and glibc's heap); for a GPU spec the per-GPU peak of `attnpipe plan`."""
-    w = workload(spec)
+    temporaries and glibc's heap: under CPU_WORKER_ENV, as attnpipe's workers run, or with
+    glibc's defaults where `worker_malloc` is False); for a GPU spec the per-GPU peak of
+    `attnpipe plan`."""
+    w = replace(workload(spec), worker_malloc=worker_malloc)
     return host_total(w) if spec.resources.gpus_per_worker == 0 else gpu_total(w)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import subprocess
 import sys
 import weakref
@@ -26,7 +25,6 @@ from pipeline.config import load_spec
 from pipeline.plan import (
     CPU_FRAMEWORK_OVERHEAD,
     CPU_HEAP_FACTOR,
-    CPU_LOSS_CHUNK_HEAP,
     FRAMEWORK_OVERHEAD,
     GPUS,
     HELD,
@@ -44,6 +42,7 @@ from pipeline.plan import (
     headline,
     host_total,
     human,
+    loss_bytes,
     model_state_lines,
     optimizer_path,
     peak,
@@ -226,8 +225,9 @@ def test_activations_follow_korthikanti_et_al():
     assert lines["activations"] == LAYERS * S * B * H * 34
     # sdpa stores no scores: only the fp32 log-sum-exp of each query and head
     assert lines["attention scores"] == LAYERS * 4 * A * S * B
-    # fp32 log-softmax saved, its gradient, and the fp32 logits' gradient: 12 B per logit
-    assert lines["logits"] == S * B * V * 12
+    # the fused loss: bf16 logits and their fp32 log-softmax (2 + 4 B per logit), the hidden
+    # states' gradient (bf16) and the head's (fp32)
+    assert lines["logits"] == S * B * V * 6 + S * B * H * 2 + V * H * 4
     assert lines["framework"] == FRAMEWORK_OVERHEAD == GiB
     assert "fp32 q, k, v" not in lines  # sdpa keeps q, k, v in the model's dtype
     assert "attention mask" not in lines  # no documents, no ALiBi: SDPA's own causal mask
@@ -236,7 +236,7 @@ def test_activations_follow_korthikanti_et_al():
     fp32 = {line.component: line.gpu for line in activation_lines(workload(precision="fp32"))}
     assert fp32["activations"] == 2 * lines["activations"]
     assert fp32["attention scores"] == lines["attention scores"]  # fp32 either way
-    assert fp32["logits"] == lines["logits"]  # the loss is fp32 either way
+    assert fp32["logits"] == S * B * V * 8 + S * B * H * 4 + V * H * 4  # fp32 logits: 4 + 4
 
 
 def test_blocksparse_keeps_fp32_copies_of_q_k_v():
@@ -270,7 +270,7 @@ def test_the_peak_is_what_is_held_plus_the_larger_phase():
     # bf16 ZeRO-2 over 8 with bf16 accumulation: activations outweigh the step
     w = workload(zero_stage=2, world_size=8)
     held = 2 * P + 2 * P // 8 + 12 * P // 8 + GiB
-    train = LAYERS * S * B * H * 34 + LAYERS * 4 * A * S * B + S * B * V * 12
+    train = LAYERS * S * B * H * 34 + LAYERS * 4 * A * S * B + loss_bytes(S * B, S * B, V, H, 2)
     assert gpu_total(w) == held + train
     # fp16 ZeRO-0 of a 1e9-parameter model with one short sequence: the step outweighs them
     big = workload(
@@ -308,7 +308,7 @@ def test_sequence_parallel_divides_activations_scores_and_logits_per_rank():
     # each rank holds s/P tokens of every sample; its attention sees all s for a/P heads
     assert two["activations"] == one["activations"] // 2 == LAYERS * (S // 2) * B * H * 34
     assert two["attention scores"] == one["attention scores"] // 2 == LAYERS * 4 * A * S * B // 2
-    assert two["logits"] == one["logits"] // 2 == (S // 2) * B * V * 12
+    assert two["logits"] == loss_bytes((S // 2) * B, (S // 2) * B, V, H, 2)
     assert "s/P" in detail(workload(seq_parallel=2), "activations")
     assert "s/P" in detail(workload(seq_parallel=2), "logits")
     # ZeRO partitions over every rank, sequence-parallel ones included: states unchanged
@@ -323,7 +323,7 @@ def test_sequence_parallel_divides_activations_scores_and_logits_per_rank():
 
 def test_loss_chunk_tokens_shrink_the_logits_line_to_one_chunk():
     base, chunked = by_component(workload()), by_component(workload(loss_chunk=256))
-    assert chunked["logits"] == 256 * V * 12  # one chunk's logits and their gradients
+    assert chunked["logits"] == loss_bytes(S * B, 256, V, H, 2)  # one chunk's buffers
     assert "C=256" in detail(workload(loss_chunk=256), "logits")
     # nothing else changes: the hidden states the head reads are activations already
     assert {k: v for k, v in chunked.items() if k != "logits"} == {
@@ -332,7 +332,7 @@ def test_loss_chunk_tokens_shrink_the_logits_line_to_one_chunk():
     # chunks of the flattened (b, s) tokens; a chunk of them all is the whole, in one piece
     assert by_component(workload(loss_chunk=S * B))["logits"] == base["logits"]
     per_rank = by_component(workload(loss_chunk=S, seq_parallel=2))["logits"]
-    assert per_rank == (S // 2) * B * V * 12  # a rank's s/P * b tokens fit in one chunk
+    assert per_rank == loss_bytes(S // 2 * B, S // 2 * B, V, H, 2)  # one chunk holds them
 
 
 def test_mlp_chunk_tokens_keep_the_mlps_input_and_one_tile():
@@ -374,12 +374,12 @@ def long_gpt2(seq_len: int, *overrides: str):
 
 
 def test_long_sequences_are_offered_loss_chunks_mlp_tiles_and_sequence_parallelism():
-    plan = plan_job(long_gpt2(131_072))
+    plan = plan_job(long_gpt2(196_608))
     assert plan.fits is False
     offered = {s.overrides[0].split("=")[0] for s in plan.suggestions}
     assert {"training.loss_chunk_tokens", "resources.sequence_parallel"} <= offered
     for s in plan.suggestions:  # each checked by planning the spec with its overrides
-        fixed = plan_job(long_gpt2(131_072, *s.overrides))
+        fixed = plan_job(long_gpt2(196_608, *s.overrides))
         assert fixed.fits and fixed.gpu_total == s.gpu_total
     # sequence parallelism only where the workers allow it: P divides them (and the heads)
     lone = plan_job(long_gpt2(131_072, "resources.num_workers=1", "training.global_batch_size=1"))
@@ -402,7 +402,8 @@ def test_predicted_peak_bytes_of_a_cpu_worker_by_hand():
     # fp32 ZeRO-0 in one process: 451 MiB of torch and DeepSpeed, 16 B/param of states
     held = CPU_FRAMEWORK_OVERHEAD + (4 + 4 + 8) * p
     # fp32 activations, sdpa's log-sum-exp, the logits; glibc's heap holds 1.75x of them
-    train = layers * 34 * 2 * s * b * h + layers * 4 * a * s * b + s * b * vocab * 12
+    logits = loss_bytes(s * b, s * b, vocab, h, 4)
+    train = layers * 34 * 2 * s * b * h + layers * 4 * a * s * b + logits
     assert abs(predicted_peak_bytes(spec) - (held + CPU_HEAP_FACTOR * train)) <= 1
     # the optimizer step is smaller: AdamW on CPU, sqrt(v) and its quotient per tensor
     assert 8 * w.largest_module < CPU_HEAP_FACTOR * train
@@ -429,14 +430,22 @@ def test_a_cpu_workers_heap_spares_mmapped_tensors_and_follows_a_chunked_loss():
     assert 2048 * B * 2**17 * 4 >= 2**30
     heap = big_lines["activations"] + big_lines["attention scores"]
     assert big_lines["allocator"] == round((CPU_HEAP_FACTOR - 1) * heap)
-    # a chunked loss's trail: CPU_LOSS_CHUNK_HEAP x the geometric mean of the whole logits'
-    # bytes and one chunk's, where that is under CPU_HEAP_FACTOR x the whole
+    # a chunked loss reuses its two buffers: the heap holds them as any other tensor
     chunked = by_component(replace(cpu, loss_chunk=64))
-    whole, chunk = S * B * V * 12, 64 * V * 12
     rest = chunked["activations"] + chunked["attention scores"]
-    trail = min(CPU_LOSS_CHUNK_HEAP * math.sqrt(whole * chunk), CPU_HEAP_FACTOR * whole)
-    assert chunked["logits"] == chunk
-    assert abs(chunked["allocator"] - ((CPU_HEAP_FACTOR - 1) * rest + trail - chunk)) <= 1
+    assert chunked["logits"] == loss_bytes(S * B, 64, V, H, 4)
+    expected = (CPU_HEAP_FACTOR - 1) * (rest + chunked["logits"])
+    assert abs(chunked["allocator"] - expected) <= 1
+    # glibc's defaults map every tensor above 32 MiB: a long sequence's activations (a rank's
+    # (s/P, b, h) slice of 64 MiB) and its loss buffers get no heap; short ones keep theirs
+    long = replace(cpu, stacks=(Stack("decoder", 2, 2**17, 512.0),), logits_len=2**17)
+    long = replace(long, seq_parallel=2, micro_batch=1, d_model=256, loss_chunk=2**15)
+    assert 2**16 * 256 * 4 > 32 * 2**20
+    default = by_component(replace(long, worker_malloc=False))
+    assert default["allocator"] == round((CPU_HEAP_FACTOR - 1) * default["attention scores"])
+    assert by_component(long)["allocator"] > 0  # CPU_WORKER_ENV: below 1 GiB, in the heap
+    short = by_component(replace(cpu, worker_malloc=False))
+    assert short["allocator"] == by_component(cpu)["allocator"]
     # what a CPU process offloads to itself is in its peak
     offloaded = workload(device="cpu", zero_stage=2, offload_optimizer=True, world_size=1)
     host = host_total(offloaded)
@@ -509,9 +518,10 @@ class Logits(torch.nn.Module):
         return self.head(self.emb(ids), labels)
 
 
-def loss_bytes(dtype: torch.dtype, chunk_tokens: int | None = None) -> tuple[int, int]:
-    """(bytes held after the forward pass, peak over them in backward) of the causal-LM loss
-    of a batch of 2 x 256 tokens over a 2,048 vocabulary, as attnpipe's objective runs it."""
+def measured_loss_bytes(dtype: torch.dtype, chunk_tokens: int | None = None) -> dict[str, int]:
+    """Live bytes of the causal-LM loss of a batch of 2 x 256 tokens over a 2,048 vocabulary
+    (width 16), as attnpipe's objective runs it: the forward pass's peak, what it leaves for
+    backward, and backward's peak."""
     from pipeline.train.objectives import Objective
 
     b, s, vocab = 2, 256, 2048
@@ -520,30 +530,28 @@ def loss_bytes(dtype: torch.dtype, chunk_tokens: int | None = None) -> tuple[int
     objective = Objective("decoder", special_ids={}, document_masking=False)
     with LiveBytes() as mode:
         loss, _ = objective.loss(model, batch.astype(np.uint32))
+        forward = mode.peak
         held = mode.settle()
         loss.backward()
-    return held, mode.peak
+    return {"forward": forward, "held": held, "backward": mode.peak}
 
 
+@pytest.mark.parametrize("chunk", [None, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_logits_peak_at_12_bytes_each_at_the_start_of_backward(dtype):
-    held, peak_bytes = loss_bytes(dtype)
-    logits = 2 * 256 * 2048
-    # the fp32 log-softmax (4 B) stays for backward, which adds its gradient and the fp32
-    # logits' gradient (4 + 4) before freeing anything: 12 B per logit, in either dtype
-    assert round(held / logits, 1) == 4.0
-    assert round(peak_bytes / logits, 1) == 12.0
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_a_chunked_loss_peaks_at_one_chunks_12_bytes_a_logit(dtype):
-    held, peak_bytes = loss_bytes(dtype, chunk_tokens=128)
-    chunk = 128 * 2048  # logits of one chunk of 128 tokens
-    assert held < chunk  # no logits kept after the forward pass: each chunk is recomputed
-    # backward recomputes a chunk and frees it before the next: 12 B per logit of one chunk,
-    # beside the head's weight gradient (2,048 x 16 x 4 B: 0.25 B per chunk logit) and the
-    # hidden states' (512 x 16)
-    assert 12.0 <= (peak_bytes - held) / chunk < 13.0
+def test_the_fused_loss_peaks_in_forward_at_the_planned_bytes_and_keeps_no_logits(dtype, chunk):
+    measured = measured_loss_bytes(dtype, chunk)
+    each, tokens, vocab, width = dtype.itemsize, 2 * 256, 2048, 16
+    rows = chunk or tokens
+    # the planner's logits line (the two buffers, the hidden states' and the head's gradients)
+    # beside the embedding's output, the one activation of this model
+    planned = loss_bytes(tokens, rows, vocab, width, each) + tokens * width * each
+    # + labels, per-row vectors and, in 16-bit, a chunk's weight gradient before it is added
+    assert planned <= measured["forward"] <= 1.05 * planned
+    # forward leaves the gradients for backward (and the loss), nothing of the logits
+    gradients = tokens * width * each + vocab * width * 4
+    assert gradients <= measured["held"] <= gradients + 64
+    # backward scales those gradients and casts them: less than the logits of one chunk
+    assert measured["backward"] - measured["held"] < rows * vocab
 
 
 def attention_bytes(backend: str, kv_heads: int, s: int = 512, b: int = 2) -> int:
@@ -712,7 +720,7 @@ def test_llama_7b_fits_with_zero3_over_8_workers():
         + layers * 34 * s * h  # activations
         + layers * 4 * a * s  # sdpa stores no scores: the fp32 log-sum-exp per query and head
         + s * s * 2  # the per-batch bf16 mask of packed documents (training.document_masking)
-        + s * vocab * 12  # logits
+        + loss_bytes(s, s, vocab, h, 2)  # the fused loss
     )
     step = (4 + 4) * part  # a flat fp32 gradient copy and AdamW's sqrt(v), one sub-group
     assert part < 10**9 and train > step
@@ -941,7 +949,8 @@ def test_cli_plan_json_has_every_number():
     p, s, b, h, a, layers, vocab = 124_439_808, 1024, 16, 768, 12, 12, 50257
     held = 2 * p + (4 + 12) * p // 8 + GiB
     # activations, sdpa's log-sum-exp (no scores stored), the documents' bf16 mask, logits
-    train = layers * 34 * s * b * h + layers * 4 * a * s * b + b * s * s * 2 + s * b * vocab * 12
+    logits = loss_bytes(s * b, s * b, vocab, h, 2)
+    train = layers * 34 * s * b * h + layers * 4 * a * s * b + b * s * s * 2 + logits
     step = 4 * p // 8  # AdamW's sqrt(v); the fp32 gradient partition exists already
     assert plan["gpu_phase_bytes"] == {
         "always": held,
