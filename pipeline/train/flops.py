@@ -103,9 +103,20 @@ def table_peak(device_name: str, precision: str, tf32: bool = False) -> float | 
 
 
 def measured_gemm_flops(
-    device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5
+    device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 5
 ) -> float:
-    """The best FLOP/s of an n x n x n matrix multiply over `repeats` timed runs."""
+    """The best FLOP/s of an n x n x n matrix multiply over `repeats` timed runs. n defaults
+    to 2,048, or less where one multiply of that size takes long: a CPU without native bf16
+    (AVX2 only) multiplies bf16 matrices at about 1 GFLOP/s, 13 s for one of 2,048, so the
+    size doubles from 256 only while a multiply takes under 20 ms."""
+    if n is None:
+        n = 256
+        while n < 2048 and _best_mm_seconds(device, dtype, n, 1) < 0.02:
+            n *= 2
+    return 2 * n**3 / _best_mm_seconds(device, dtype, n, repeats)
+
+
+def _best_mm_seconds(device: torch.device, dtype: torch.dtype, n: int, repeats: int) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)  # warm-up
@@ -118,7 +129,7 @@ def measured_gemm_flops(
         if device.type == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    return best
 
 
 class DevicePeak:
