@@ -4,25 +4,30 @@ window, Longformer and BigBird on the block-sparse backend, and sequence paralle
 The model: a decoder with d_model 256, 4 layers, 4 heads of 64, vocabulary 8,192, RoPE,
 fp32, batch 1, built by attnpipe's models API and trained by a DeepSpeed engine (ZeRO 0,
 torch AdamW) from the config attnpipe's workers get (pipeline.train.deepspeed_config): a
-step is forward, backward and optimizer step. Every configuration runs in its own process
-(one per rank with sequence parallelism, gloo), one after another, so each has the machine
-and its own peak RSS. The tokens are Zipf-distributed (a fixed seed), so a model that
-trains shows it by a falling loss.
+step is forward, backward and optimizer step. The table, identity and sp rows run the LM
+head's fused loss in chunks of 8,192 tokens (`training.loss_chunk_tokens`, --loss-chunk), as
+a long-context job would: at 64K tokens the whole logits are 2 GiB tensors that glibc maps
+and faults in anew every step. Every configuration runs in its own process (one per rank
+with sequence parallelism, gloo), one after another, so each has the machine and its own
+peak RSS, under the malloc settings of attnpipe's CPU workers (CPU_WORKER_ENV) except where
+a row says worker_malloc false. The tokens are Zipf-distributed (a fixed seed), so a model
+that trains shows it by a falling loss.
 
 Records (benchmarks/results/long_context.json):
 - per pattern and length: step_ms_min/median over the timed steps (after one untimed
-  warm-up step that builds the per-length plans), ms_per_token, tokens_per_s,
-  speedup_vs_dense, peak_rss_bytes (ru_maxrss of the process, the largest rank's),
-  planned_bytes (pipeline.plan.predicted_peak_bytes of the same job) and their ratio, and
-  attention_share: 1 - (the step with every attention call replaced by an identity of the
-  same shapes) / (the step), the identity step measured once per length;
+  warm-up step that builds the per-length plans; 6 timed steps at 4K, 3 at 16K, 2 above),
+  ms_per_token, tokens_per_s, speedup_vs_dense, peak_rss_bytes (ru_maxrss of the process,
+  the largest rank's), planned_bytes (pipeline.plan.predicted_peak_bytes of the same job,
+  under the same malloc settings) and their ratio, and attention_share: 1 - (the step with
+  every attention call replaced by an identity of the same shapes) / (the step), the
+  identity step measured once per length;
 - the chunked loss: BigBird at 32K with a 32K vocabulary, whole logits against
-  loss_chunk_tokens, peak RSS of both against the logits' size;
+  loss_chunk_tokens 4,096, peak RSS of both against the logits' size;
 - sequence parallelism's cost: BigBird at the same length with P=1 (2 threads) and P=2
   (two processes of 1 thread), and the all-to-all's share of the P=2 step;
 - the longest sequence trained: P=2 BigBird for 10 steps at each length asked for, with
-  activation checkpointing, tiled MLP and the chunked loss; the longest whose loss fell,
-  its tokens/s, and what stopped the next.
+  activation checkpointing, tiled MLP and the chunked loss, under glibc's malloc defaults
+  (main() says why); the longest whose loss fell, its tokens/s, and what stopped the next.
 
 Dense at 64K takes minutes a step on a 2-core CPU: it runs one timed step, no warm-up.
 
@@ -110,14 +115,13 @@ def overrides(c: dict[str, Any]) -> list[str]:
     return out
 
 
-def planned_bytes(c: dict[str, Any]) -> int | None:
+def planned_bytes(c: dict[str, Any]) -> int:
+    """The planner's peak for configuration `c`, under the malloc settings it runs with."""
     from pipeline.config import load_spec
+    from pipeline.plan import predicted_peak_bytes
 
-    try:
-        from pipeline.plan import predicted_peak_bytes
-    except ImportError:  # a planner without the CPU prediction
-        return None
-    return int(predicted_peak_bytes(load_spec(None, overrides(c))))
+    spec = load_spec(None, overrides(c))
+    return int(predicted_peak_bytes(spec, worker_malloc=c.get("worker_malloc", True)))
 
 
 def tokens(seq_len: int, vocab: int, seed: int = 0) -> torch.Tensor:
@@ -276,8 +280,7 @@ def plan(row: dict[str, Any]) -> dict[str, Any]:
     if row["name"] == "identity" or "peak_rss_bytes" not in row:
         return row
     planned = planned_bytes(row)
-    if planned is not None:
-        row.update(planned_bytes=planned, planned_over_measured=planned / row["peak_rss_bytes"])
+    row.update(planned_bytes=planned, planned_over_measured=planned / row["peak_rss_bytes"])
     return row
 
 
@@ -301,7 +304,8 @@ def rerun(row: dict[str, Any], args: argparse.Namespace) -> bool:
 
 def config(name: str, pattern: str, seq_len: int, **kw: Any) -> dict[str, Any]:
     c = {"name": name, "pattern": pattern, "seq_len": seq_len, "sp": 1, "vocab": 8192}
-    c.update(warmup=1, steps=2)
+    # short steps are timed more often: the machine's noise is a larger part of them
+    c.update(warmup=1, steps=6 if seq_len <= 4096 else 3 if seq_len <= 16384 else 2)
     c.update(kw)
     return c
 
@@ -315,6 +319,12 @@ def main() -> None:
     parser.add_argument("--longest-steps", type=int, default=10)
     parser.add_argument("--sp-length", type=int, default=32768)
     parser.add_argument("--loss-length", type=int, default=32768)
+    parser.add_argument(
+        "--loss-chunk",
+        type=int,
+        default=8192,
+        help="training.loss_chunk_tokens of the table, identity and sp rows (0: whole logits)",
+    )
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument(
         "--sections",
@@ -338,7 +348,13 @@ def main() -> None:
     if args.replan:
         doc = json.loads(args.out.read_text())
         rows = [plan(row) for row in doc["records"]]
-        write(args.out, rows, time.time() - 60 * doc["minutes"], final=doc["complete"])
+        write(
+            args.out,
+            rows,
+            time.time() - 60 * doc["minutes"],
+            final=doc["complete"],
+            loss_chunk=doc.get("loss_chunk_tokens", 0),
+        )
         return
     started = time.time()
     rows: list[dict[str, Any]] = []
@@ -352,36 +368,39 @@ def main() -> None:
         rows.append(row)
         shown = {k: row.get(k) for k in ("step_ms_min", "peak_rss_bytes", "error") if k in row}
         print(f"  -> {shown}", flush=True)
-        write(args.out, rows, started, final=False)
+        write(args.out, rows, started, final=False, loss_chunk=args.loss_chunk)
         return row
 
+    chunk = {"loss_chunk": args.loss_chunk} if args.loss_chunk else {}
     # 1. the patterns at each length, and the identity step for attention's share
     for seq_len in args.lengths:
         if "identity" in args.sections:
-            run(config("identity", "dense", seq_len, identity=True))
+            run(config("identity", "dense", seq_len, identity=True, **chunk))
         for pattern in args.patterns if "table" in args.sections else []:
             slow = pattern == "dense" and seq_len >= 65536
             once = {"warmup": 0, "steps": 1} if slow else {}
-            run(config(pattern, pattern, seq_len, **once))
+            run(config(pattern, pattern, seq_len, **once, **chunk))
     # 2. the chunked loss: whole logits against chunks, at a 32K vocabulary
-    for chunk in (None, 4096) if "loss" in args.sections else ():
-        # glibc's defaults: with the workers' malloc settings freed blocks are not reused for
-        # PyTorch's aligned allocations, and the heap keeps every chunk's logits
-        c = config("loss-chunk", "bigbird", args.loss_length, vocab=32768, loss_chunk=chunk)
-        run({**c, "worker_malloc": False})
+    for whole in (True, False) if "loss" in args.sections else ():
+        c = config("loss-chunk", "bigbird", args.loss_length, vocab=32768)
+        run(c if whole else {**c, "loss_chunk": 4096})
     # 3. sequence parallelism's cost at the same length and cores
     for p in (1, 2) if "sp" in args.sections else ():
-        run(config("sp-cost", "bigbird", args.sp_length, sp=p))
-    # 4. the longest sequence trained: P=2, every memory saving on
+        run(config("sp-cost", "bigbird", args.sp_length, sp=p, **chunk))
+    # 4. the longest sequence trained: P=2, every memory saving on, glibc's malloc defaults:
+    # the workers' CPU_WORKER_ENV keeps freed blocks in the heap, which at 131K held 8.5 GB a
+    # rank against 2.6 GB with the defaults (measured), so that 262K would not fit two ranks
     for seq_len in args.longest if "longest" in args.sections else []:
         kw = dict(sp=2, warmup=0, steps=args.longest_steps, checkpointing=True, worker_malloc=False)
         row = run(config("longest", "bigbird", seq_len, loss_chunk=8192, mlp_chunk=8192, **kw))
         if "error" in row:
             break
-    write(args.out, rows, started, final=True)
+    write(args.out, rows, started, final=True, loss_chunk=args.loss_chunk)
 
 
-def write(path: Path, rows: list[dict[str, Any]], started: float, final: bool) -> None:
+def write(
+    path: Path, rows: list[dict[str, Any]], started: float, final: bool, loss_chunk: int = 0
+) -> None:
     def find(name: str, pattern: str, seq_len: int, **kw: Any) -> dict[str, Any] | None:
         for r in rows:
             if (r["name"], r["pattern"], r["seq_len"]) == (name, pattern, seq_len) and all(
@@ -450,17 +469,11 @@ def write(path: Path, rows: list[dict[str, Any]], started: float, final: bool) -
     failed = [r for r in rows if r["name"] == "longest" and "error" in r]
     if failed:
         summary["longest_limited_by"] = f"{failed[0]['seq_len']:,} tokens: {failed[0]['error']}"
-    # the planner models a worker's heap (pipeline.train.ops.CPU_WORKER_ENV); rows run with
-    # glibc's defaults are reported apart
-    for label, worker in (("", True), ("_glibc_defaults", False)):
-        checked = [
-            r["planned_over_measured"]
-            for r in rows
-            if "planned_over_measured" in r and r.get("worker_malloc", True) == worker
-        ]
-        if checked:
-            summary[f"planned_over_measured{label}"] = {"min": min(checked), "max": max(checked)}
-            summary[f"plan_within_25_percent{label}"] = all(0.75 <= x <= 1.25 for x in checked)
+    # the planner's prediction of every measured row, under the malloc settings it ran with
+    checked = [r["planned_over_measured"] for r in rows if "planned_over_measured" in r]
+    if checked:
+        summary["planned_over_measured"] = {"min": min(checked), "max": max(checked)}
+        summary["plan_within_25_percent"] = all(0.75 <= x <= 1.25 for x in checked)
     doc = {
         "benchmark": "long_context",
         "complete": final,
@@ -470,6 +483,7 @@ def write(path: Path, rows: list[dict[str, Any]], started: float, final: bool) -
             "torch": torch.__version__,
         },
         "model": "decoder d_model 256, 4 layers, 4 heads of 64, vocab 8192, RoPE, fp32, batch 1",
+        "loss_chunk_tokens": loss_chunk,
         "attention_share_method": "identity: 1 - step with attention replaced by q / step",
         "minutes": (time.time() - started) / 60,
         "summary": summary,
