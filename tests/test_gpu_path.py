@@ -42,7 +42,7 @@ COLLECTIVES = (
 RUNS = [("bf16", 0), ("bf16", 1), ("bf16", 2), ("bf16", 3), ("fp32", 0)]
 
 
-def tiny_spec(work_dir: Path, precision: str, stage: int) -> dict:
+def tiny_spec(work_dir: Path, precision: str, stage: int, *overrides: str) -> dict:
     return load_spec(
         ROOT / "jobs" / "decoder-tiny.yaml",
         [
@@ -58,6 +58,7 @@ def tiny_spec(work_dir: Path, precision: str, stage: int) -> dict:
             f"deepspeed.zero_stage={stage}",
             "resources.num_workers=1",
             "tracking.heatmap_tokens=0",
+            *overrides,
         ],
     )
 
@@ -182,6 +183,62 @@ def test_every_collective_of_the_worker_takes_tensors_on_its_device(gpu_path_run
     norms = {k: r["metrics"]["train/grad_norm"] for k, r in runs.items()}
     assert all(n > 0 for n in norms.values()), norms
     assert abs(norms["fp32", 0] - norms["bf16", 2]) < 0.01 * norms["fp32", 0], norms
+
+
+def _sp_rank(rank: int, port: int, tmp: str) -> None:
+    """One of two sequence-parallel ranks (P=2, the fused loss in chunks) training bf16 at
+    ZeRO-2 and ZeRO-3 with the default device on `meta`."""
+    import pipeline.train.worker as worker_module
+    from pipeline.train.ops import init_loopback_group
+
+    init_loopback_group(rank, 2, port)
+    torch.set_num_threads(1)
+    calls: list[str] = []
+    _wrap_collectives(torch.device("cpu"), calls)
+    results = []
+    try:
+        for stage in (2, 3):
+            spec = tiny_spec(
+                Path(tmp),
+                "bf16",
+                stage,
+                "resources.num_workers=2",
+                "resources.sequence_parallel=2",
+                "data.seq_len=64",
+                "training.loss_chunk_tokens=24",
+            ).model_dump(mode="json")
+            run_dir = Path(tmp) / f"sp-{stage}"
+            config = worker_module.WorkerConfig(
+                spec=spec, data_dir=f"{tmp}/data", run_dir=str(run_dir)
+            )
+            w = worker_module.Worker(config, rank, 2)
+            w.build()
+            torch.set_default_device("meta")
+            try:
+                losses = [w.train_step(step) for step in range(2)]
+                metrics = w.train_metrics(losses, 1.0)
+                metrics.update(w.evaluate())
+            finally:
+                torch.set_default_device("cpu")
+            results.append({"stage": stage, "metrics": metrics})
+            del w
+    finally:
+        Path(tmp, f"sp-{rank}.json").write_text(json.dumps({"runs": results, "calls": calls}))
+        dist.destroy_process_group()
+
+
+def test_sequence_parallel_collectives_take_tensors_on_the_device(tmp_path):
+    """The all-to-alls of sequence parallelism, and every other collective of a P=2 group at
+    ZeRO-2 and ZeRO-3 in bf16, get tensors on the worker's device, as NCCL requires."""
+    write_random_documents(tmp_path / "data", seq_len=64, vocab=300, samples=64)
+    mp.spawn(_sp_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"sp-{rank}.json").read_text())
+        assert [r["stage"] for r in record["runs"]] == [2, 3]
+        assert "all_to_all_single" in record["calls"]
+        for r in record["runs"]:
+            assert r["metrics"]["train/loss"] > 0 and r["metrics"]["val/loss"] > 0
+            assert r["metrics"]["train/grad_norm"] > 0
 
 
 def test_bf16_runs_deepspeeds_fp32_accumulating_optimizers(gpu_path_runs):
