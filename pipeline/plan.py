@@ -572,10 +572,7 @@ def activation_lines(w: Workload) -> list[Line]:
     chunked = w.loss_chunk is not None and w.loss_chunk < tokens
     rows = w.loss_chunk if chunked and w.loss_chunk else tokens
     each = _BYTES[w.precision]
-    what = (
-        f"the logits ({each} B) and their fp32 log-softmax (4 B); + the gradients of the hidden "
-        f"states, s*b*h x {each} B, and of the head, V*h x 4 B"
-    )
+    what = f"logits {each} B + fp32 log-softmax 4 B (fused loss); grads s*b*h x {each} B, V*h x 4 B"
     how = (
         f"one chunk of C={rows:,} tokens x V x {each + 4} B (loss_chunk_tokens): {what}"
         if chunked
