@@ -107,15 +107,36 @@ def _expected_fp32(engine) -> dict[str, torch.Tensor]:
     return out
 
 
-def _rank(rank: int, port: int, tmp: str) -> None:
-    import pipeline.train.worker as worker_module
-    from pipeline.train.export import consolidated_state
+def _checked_group(rank: int, world: int, port: int) -> list[str]:
+    """This process as rank `rank` of a gloo group whose collectives refuse tensors off the
+    CPU; the names of the collectives called, as they are."""
     from pipeline.train.ops import init_loopback_group
 
-    init_loopback_group(rank, 1, port)
+    init_loopback_group(rank, world, port)
     torch.set_num_threads(1)
     calls: list[str] = []
     _wrap_collectives(torch.device("cpu"), calls)
+    return calls
+
+
+def _train_on_meta(w, steps: int) -> dict:
+    """`steps` training steps, their metrics and an evaluation, with the default device on
+    `meta`: a tensor made without naming the worker's device lands there and fails."""
+    torch.set_default_device("meta")
+    try:
+        losses = [w.train_step(step) for step in range(steps)]
+        metrics = w.train_metrics(losses, 1.0)
+        metrics.update(w.evaluate())
+    finally:
+        torch.set_default_device("cpu")
+    return metrics
+
+
+def _rank(rank: int, port: int, tmp: str) -> None:
+    import pipeline.train.worker as worker_module
+    from pipeline.train.export import consolidated_state
+
+    calls = _checked_group(rank, 1, port)
     results = []
     try:
         for precision, stage in RUNS:
@@ -128,13 +149,7 @@ def _rank(rank: int, port: int, tmp: str) -> None:
             )
             w.build()
             assert w.device == torch.device("cpu")
-            torch.set_default_device("meta")  # a tensor made without a device lands here
-            try:
-                losses = [w.train_step(step) for step in range(3)]
-                metrics = w.train_metrics(losses, 1.0)
-                metrics.update(w.evaluate())
-            finally:
-                torch.set_default_device("cpu")
+            metrics = _train_on_meta(w, 3)
             folder = run_dir / "checkpoint"
             w.write_checkpoint(folder, 3)
             exported = consolidated_state(folder)
@@ -189,12 +204,8 @@ def _sp_rank(rank: int, port: int, tmp: str) -> None:
     """One of two sequence-parallel ranks (P=2, the fused loss in chunks) training bf16 at
     ZeRO-2 and ZeRO-3 with the default device on `meta`."""
     import pipeline.train.worker as worker_module
-    from pipeline.train.ops import init_loopback_group
 
-    init_loopback_group(rank, 2, port)
-    torch.set_num_threads(1)
-    calls: list[str] = []
-    _wrap_collectives(torch.device("cpu"), calls)
+    calls = _checked_group(rank, 2, port)
     results = []
     try:
         for stage in (2, 3):
@@ -213,14 +224,7 @@ def _sp_rank(rank: int, port: int, tmp: str) -> None:
             )
             w = worker_module.Worker(config, rank, 2)
             w.build()
-            torch.set_default_device("meta")
-            try:
-                losses = [w.train_step(step) for step in range(2)]
-                metrics = w.train_metrics(losses, 1.0)
-                metrics.update(w.evaluate())
-            finally:
-                torch.set_default_device("cpu")
-            results.append({"stage": stage, "metrics": metrics})
+            results.append({"stage": stage, "metrics": _train_on_meta(w, 2)})
             del w
     finally:
         Path(tmp, f"sp-{rank}.json").write_text(json.dumps({"runs": results, "calls": calls}))
