@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 BROWSER_PKGS := chromium chromium-driver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup browser test demo lint format clean
+.PHONY: setup browser test test-fast demo lint format clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,16 @@ browser:
 test: setup browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The fast tier for the inner loop: models, attention, config, planner and CLI checks, with no
+# Ray cluster, MLflow server or multi-rank run. `make test` still runs everything.
+FAST_TESTS := tests/test_attention_seam.py tests/test_config.py tests/test_flex_mask.py \
+  tests/test_flops.py tests/test_mask_mod_compile.py tests/test_models.py tests/test_probe.py \
+  tests/test_sizing.py tests/test_sparse_attention.py tests/test_plan.py tests/test_cli.py
+
+test-fast: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest $(FAST_TESTS) $(PYTEST_ARGS)
 
 # The main job end to end on embedded defaults: local Ray, a local MLflow store in
 # attnpipe-work/, the bundled demo corpus. `.venv/bin/attnpipe ui` then shows it.
