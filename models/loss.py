@@ -62,8 +62,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
         grad_w = torch.zeros_like(weight, dtype=dtype) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=dtype) if need_b and bias is not None else None
-        rows_max = min(chunk, n)
-        logits = x.new_empty((rows_max, weight.shape[0]))  # the two buffers, reused
+        logits = x.new_empty((chunk, weight.shape[0]))  # the two buffers, reused
         logp = logits.new_empty(logits.shape, dtype=dtype)
         total = torch.zeros((), dtype=dtype, device=x.device)
         for start in range(0, n, chunk):

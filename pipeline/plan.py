@@ -680,9 +680,9 @@ def _keys(stacks: tuple[Stack, ...]) -> str:
 
 def heap_line(w: Workload, lines: list[Line]) -> Line:
     """A CPU worker's glibc heap beyond its live forward/backward tensors: CPU_HEAP_FACTOR
-    times their bytes, and with sequence
-    parallelism one forward pass's all-to-all buffers; tensors at or above the worker's mmap
-    threshold are mapped and returned whole."""
+    times their bytes, and with sequence parallelism one forward pass's all-to-all buffers;
+    tensors at or above the mmap threshold (CPU_WORKER_ENV's, or glibc's own with its
+    defaults) are mapped and returned whole."""
     from pipeline.train.ops import CPU_WORKER_ENV
 
     threshold = (
@@ -697,8 +697,7 @@ def heap_line(w: Workload, lines: list[Line]) -> Line:
         live += line.gpu
         heap += CPU_HEAP_FACTOR * line.gpu
     # with sequence parallelism, one all-to-all buffer is a rank's slice of the residual
-    buffer = max(st.seq_len for st in w.stacks) // w.seq_parallel * w.micro_batch * w.d_model
-    sp_buffers = w.seq_parallel > 1 and buffer * _BYTES[w.precision] < threshold
+    sp_buffers = w.seq_parallel > 1 and activation_tensor(w) < threshold
     if sp_buffers:
         # models/parallel.py: each all-to-all stacks its input into a send buffer and
         # receives into another, for q, k, v and the output of every layer; freed blocks of
