@@ -27,7 +27,12 @@ Records (benchmarks/results/long_context.json):
   (two processes of 1 thread), and the all-to-all's share of the P=2 step;
 - the longest sequence trained: P=2 BigBird for 10 steps at each length asked for, with
   activation checkpointing, tiled MLP and the chunked loss, under glibc's malloc defaults
-  (main() says why); the longest whose loss fell, its tokens/s, and what stopped the next.
+  (main() says why); the longest whose loss fell, its tokens/s, and what stopped the next;
+- BigBird's ms per token from the shortest to the longest length once more, in rounds that
+  alternate the two (--growth-rounds): the ratio of each round, min and median, since one
+  table row is the min of 2 steps on a machine whose noise moves a step by 10-20%.
+Every record says when it was measured (`measured`); a record kept from an earlier run of
+the script (--sections) says "an earlier run".
 
 Dense at 64K takes minutes a step on a 2-core CPU: it runs one timed step after the warm-up.
 
@@ -256,7 +261,10 @@ def summarise(c: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
     for key in ("loss_chunk", "mlp_chunk", "checkpointing"):
         if c.get(key):
             row[key] = c[key]
+    if "round" in c:
+        row["round"] = c["round"]
     row["worker_malloc"] = c.get("worker_malloc", True)
+    row["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     if "error" in r:
         return {**row, "error": r["error"]}
     times = r["times"]
@@ -285,7 +293,7 @@ def plan(row: dict[str, Any]) -> dict[str, Any]:
 
 
 SECTIONS = {"table": tuple(PATTERNS), "identity": ("identity",), "loss": ("loss-chunk",)}
-SECTIONS.update(sp=("sp-cost",), longest=("longest",))
+SECTIONS.update(sp=("sp-cost",), longest=("longest",), growth=("growth",))
 
 
 def section_of(row: dict[str, Any]) -> str:
@@ -318,6 +326,12 @@ def main() -> None:
     parser.add_argument("--longest", type=int, nargs="*", default=[131072, 262144])
     parser.add_argument("--longest-steps", type=int, default=10)
     parser.add_argument("--sp-length", type=int, default=32768)
+    parser.add_argument(
+        "--growth-rounds",
+        type=int,
+        default=3,
+        help="rounds of BigBird at the shortest and longest --lengths, one after the other",
+    )
     parser.add_argument("--loss-length", type=int, default=32768)
     parser.add_argument(
         "--loss-chunk",
@@ -360,7 +374,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     if set(args.sections) != set(SECTIONS) and args.out.exists():
         kept = json.loads(args.out.read_text())["records"]
-        rows = [r for r in kept if not rerun(r, args)]
+        rows = [{"measured": "an earlier run", **r} for r in kept if not rerun(r, args)]
 
     def run(c: dict[str, Any]) -> dict[str, Any]:
         print(f"{c['name']} at {c['seq_len']:,} tokens (P={c['sp']})", flush=True)
@@ -397,6 +411,12 @@ def main() -> None:
         row = run(config("longest", "bigbird", seq_len, loss_chunk=8192, mlp_chunk=8192, **kw))
         if "error" in row:
             break
+    # 5. BigBird's cost per token from the shortest to the longest length once more, in
+    # rounds that alternate the two: one table row is the min of 2 steps of a noisy machine
+    ends = (min(args.lengths), max(args.lengths))
+    for i in range(args.growth_rounds) if "growth" in args.sections else ():
+        for seq_len in ends:
+            run(config("growth", "bigbird", seq_len, round=i, **chunk))
     write(args.out, rows, started, final=True, loss_chunk=args.loss_chunk)
 
 
@@ -432,6 +452,17 @@ def write(
             "from": ends[0],
             "to": ends[-1],
             "ratio": hi["ms_per_token"] / lo["ms_per_token"],  # type: ignore[index]
+        }
+    rounds: dict[int, dict[int, float]] = {}
+    for r in rows:
+        if r["name"] == "growth" and "error" not in r:
+            rounds.setdefault(r["round"], {})[r["seq_len"]] = r["ms_per_token"]
+    ratios = [x[max(x)] / x[min(x)] for x in rounds.values() if len(x) == 2]
+    if ratios:
+        summary["bigbird_ms_per_token_growth_rounds"] = {
+            "ratios": ratios,
+            "min": min(ratios),
+            "median": statistics.median(ratios),
         }
     if 32768 in lengths and 65536 in lengths:
         growth = {}
