@@ -121,8 +121,8 @@ def run_compare(spec: JobSpec, show: Any, uri: str) -> dict[str, Any]:
 def _probe(
     spec: JobSpec, variants: dict[str, JobSpec], rows: list[dict[str, Any]], show: Any
 ) -> list[dict[str, Any]]:
-    """The long-range probe for every variant (and each sparse one's window alone), with
-    each row's attention compute at the job's sequence length."""
+    """The long-range probe for the variants `compare.probe.variants` names (and each sparse
+    one's window alone), with each row's attention compute at the job's sequence length."""
     from pipeline.probe import run_probe
 
     probes = run_probe(variants, spec.compare.probe, show)
@@ -160,7 +160,9 @@ def _probe_columns(probes: list[dict[str, Any]]) -> dict[str, list[Any]]:
 
 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    return {key: [row.get(key) for row in rows] for key in rows[0]}
+    """Every key any row has (a variant left out of the probe has no probe_accuracy)."""
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    return {key: [row.get(key) for row in rows] for key in keys}
 
 
 def _plot(rows: list[dict[str, Any]], probes: list[dict[str, Any]]) -> Any:

@@ -78,9 +78,17 @@ class SourceNode(_Node):
     streaming: bool = Field(
         False, description="Load with datasets' streaming mode instead of loading it whole"
     )
+    documents: Literal["scenes", "plays"] = Field(
+        "scenes",
+        description="kind: demo: a document per scene (257-43,143 characters, median 5,106) "
+        "or per whole play (87,000-176,000 characters), for long context; paired data always "
+        "pairs lines within a scene",
+    )
 
     @model_validator(mode="after")
     def _where(self) -> SourceNode:
+        if self.documents != "scenes" and self.kind != "demo":
+            raise FieldError("documents", "only the demo corpus has scenes and plays")
         if self.kind == "hub" and not self.name:
             raise FieldError("name", "a hub source needs a dataset name")
         if self.kind == "files" and not self.path:
@@ -391,6 +399,15 @@ class ProbeNode(_Node):
     batch_size: int = Field(16, ge=1, description="Sequences per probe training step")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate of the probe models")
     seed: int = Field(0, description="Seed of the probe models and their sequences")
+    variants: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="The variants probed (default: all); at 8K tokens a dense probe model "
+        "costs several times a sparse one on a CPU",
+    )
+    window_only: bool = Field(
+        True, description="Also probe each sparse variant's window alone (no globals, no random)"
+    )
 
     @model_validator(mode="after")
     def _fits(self) -> ProbeNode:
@@ -426,7 +443,15 @@ class CompareNode(_Node):
     def _no_data(self) -> CompareNode:
         for name, tree in self.variants.items():
             if "data" in tree or "job" in tree:
-                raise FieldError(f"variants.{name}", "variants share the job's data and job nodes")
+                raise FieldError(
+                    f"compare.variants.{name}", "variants share the job's data and job nodes"
+                )
+        unknown = [v for v in self.probe.variants or [] if v not in self.variants]
+        if unknown and self.variants:
+            raise FieldError(
+                "compare.probe.variants",
+                f"{unknown[0]!r} is not a variant (have {list(self.variants)})",
+            )
         return self
 
 

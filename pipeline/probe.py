@@ -127,15 +127,24 @@ def train_and_score(
 
 
 @torch.no_grad()
-def score(net: torch.nn.Module, task: ProbeTask, seed: int, samples: int = 128) -> dict[int, float]:
+def score(
+    net: torch.nn.Module, task: ProbeTask, seed: int, samples: int = 128, at_once: int = 16
+) -> dict[int, float]:
+    """Accuracy of the key's symbols per distance, over `samples` fresh sequences forwarded
+    `at_once` at a time (at 8K tokens, 128 sequences at once would be a million tokens)."""
     net.eval()
     fresh = torch.Generator().manual_seed(seed + 1_000_003)  # sequences never trained on
     out = {}
     for distance in task.distances:
         ids, targets = task.batch(fresh, samples, (distance,))
-        predicted = net(ids).argmax(-1)
-        where = targets != IGNORE
-        out[distance] = float((predicted[where] == targets[where]).float().mean())
+        right = total = 0
+        for start in range(0, samples, at_once):
+            rows = slice(start, start + at_once)
+            where = targets[rows] != IGNORE
+            predicted = net(ids[rows]).argmax(-1)
+            right += int((predicted[where] == targets[rows][where]).sum())
+            total += int(where.sum())
+        out[distance] = right / total
     return out
 
 
@@ -154,7 +163,8 @@ def reach(attention: AttentionConfig, layers: int) -> int | None:
 
 def run_probe(variants: dict[str, Any], probe: Any, show: Any) -> list[dict[str, Any]]:
     """Rows {variant, pattern, params, accuracy: {distance: acc}, reach} for every variant
-    and, for sparse ones with globals or random blocks, their window alone."""
+    probed (`probe.variants`, default all) and, for sparse ones with globals or random
+    blocks, their window alone (unless `probe.window_only` is false)."""
     task = ProbeTask(
         seq_len=probe.seq_len,
         key_tokens=probe.key_tokens,
@@ -168,9 +178,12 @@ def run_probe(variants: dict[str, Any], probe: Any, show: Any) -> list[dict[str,
         positional="rope",
     )  # train_and_score sizes its vocabulary and length to the task
     runs: list[tuple[str, str, AttentionConfig]] = []  # (row name, variant, attention)
+    chosen = probe.variants or list(variants)
     for name, spec in variants.items():
+        if name not in chosen:
+            continue
         runs.append((name, name, spec.attention))
-        local = window_only(spec.attention)
+        local = window_only(spec.attention) if probe.window_only else None
         if local is not None:
             runs.append((f"{name} (window only)", name, local))
     rows = []

@@ -154,6 +154,21 @@ BAD = [
     ("schedule:\n  cron: '* * *'\n", (), ["schedule.cron", "invalid cron expression"]),
     ("deepspeed:\n  offload_params: true\n", (), ["deepspeed.offload_params", "zero_stage 3"]),
     ("data:\n  sources:\n    - kind: files\n", (), ["data.sources[0].path", "needs a path"]),
+    (
+        "data:\n  sources:\n    - {kind: files, path: a.txt, documents: plays}\n",
+        (),
+        ["data.sources[0].documents", "only the demo corpus has scenes and plays"],
+    ),
+    (
+        "job:\n  kind: compare\ncompare:\n  variants: {a: {}, b: {}}\n  probe: {variants: [c]}\n",
+        (),
+        ["compare.probe.variants", "'c' is not a variant (have ['a', 'b'])"],
+    ),
+    (
+        "job:\n  kind: compare\ncompare:\n  variants: {a: {data: {seq_len: 8}}, b: {}}\n",
+        (),
+        ["spec.yaml:4: compare.variants.a", "variants share the job's data and job nodes"],
+    ),
     ("data:\n  seq_len: 4096\n", (), ["data.seq_len", "exceeds model.max_seq_len=1024"]),
     ("job:\n  kind: deploy\n", (), ["job.kind", "'preprocess'"]),
     (

@@ -193,6 +193,17 @@ def test_demo_corpus_is_real_text_shipped_offline():
     assert src and tgt and src != tgt
 
 
+def test_demo_plays_are_whole_plays_their_scenes_in_order():
+    scenes, plays = demo_documents(), demo_documents("plays")
+    assert len(plays) == 38 and 80_000 < min(map(len, plays)) < max(map(len, plays)) < 200_000
+    hamlet = next(p for p in plays if p.startswith("Hamlet"))
+    at = [hamlet.index(s) for s in scenes if s in hamlet]  # every scene of it, in order
+    assert len(at) > 15 and at == sorted(at)
+    assert sum(map(len, plays)) - sum(map(len, scenes)) < 40 * 2_000  # titles, prologues, joins
+    dataset = load_source(SourceNode(kind="demo", documents="plays"))
+    assert dataset.num_rows == 38 and dataset[0]["text"] == plays[0]
+
+
 def test_missing_file_and_missing_column(tmp_path):
     with pytest.raises(DataError, match=r"nothing-here/\*\.txt: no such file"):
         load_source(SourceNode(kind="files", path=str(tmp_path / "nothing-here/*.txt")))

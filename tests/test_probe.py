@@ -11,7 +11,15 @@ import torch
 
 from models.config import AttentionConfig, ModelConfig
 from pipeline.config import SpecError, load_spec
-from pipeline.probe import IGNORE, MARKER, ProbeTask, reach, train_and_score, window_only
+from pipeline.probe import (
+    IGNORE,
+    MARKER,
+    ProbeTask,
+    reach,
+    score,
+    train_and_score,
+    window_only,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,3 +94,16 @@ def test_a_probe_that_does_not_fit_is_one_line(override, message):
     with pytest.raises(SpecError) as caught:
         load_spec(ROOT / "jobs" / "demo.yaml", [override])
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_scoring_a_few_sequences_at_a_time_counts_the_same_as_all_at_once():
+    task = ProbeTask(seq_len=48, key_tokens=3, symbols=6, distances=(5, 30))
+    model = ModelConfig(d_model=16, n_layers=1, n_heads=2, positional="rope", max_seq_len=48)
+    from models.transformer import build_model
+
+    torch.manual_seed(0)
+    net = build_model(model.model_copy(update={"vocab_size": task.vocab_size}), AttentionConfig())
+    whole = score(net, task, seed=3, samples=20, at_once=20)
+    assert score(net, task, seed=3, samples=20, at_once=7) == whole  # 7 + 7 + 6 sequences
+    assert 0.0 < whole[5] < 1.0  # an untrained model: some symbols right, not all
+

@@ -56,12 +56,18 @@ def _plain(markdown: str) -> str:
     return "\n".join(_HEADER.sub("", line) for line in lines)
 
 
-def demo_documents() -> list[str]:
-    """The demo corpus as documents: one scene of one play each."""
+def demo_documents(unit: str = "scenes") -> list[str]:
+    """The demo corpus as documents: one scene of one play each, or (`unit` "plays") one
+    whole play each, for long context: what comes before its first scene (the title, a
+    prologue), then its scenes in order; 38 documents of 87K-176K characters."""
     docs = []
     for _, markdown in demo_plays():
-        for part in _SCENE.split(markdown)[1:]:  # [0]: the title before the first scene
-            docs.append(_plain("SCENE" + part).strip())
+        title, *scenes = _SCENE.split(markdown)  # title: what comes before the first scene
+        plain = [_plain("SCENE" + part).strip() for part in scenes]
+        if unit == "plays":
+            docs.append("\n\n".join([_plain(title).strip(), *plain]).strip())
+        else:
+            docs += plain
     return docs
 
 
@@ -86,7 +92,7 @@ def load_source(
         if paired:
             src, tgt = zip(*demo_pairs(), strict=True)
             return datasets.Dataset.from_dict({"text": list(src), "target": list(tgt)})
-        return datasets.Dataset.from_dict({"text": demo_documents()})
+        return datasets.Dataset.from_dict({"text": demo_documents(source.documents)})
     ds = _load_hub(source) if source.kind == "hub" else _load_files(source, files)
     return _select_columns(ds, source, paired)
 
