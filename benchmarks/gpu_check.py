@@ -326,8 +326,7 @@ def _overrides(work: Path, size: dict[str, Any], cuda: bool) -> list[str]:
 def train(device: torch.device, size: dict[str, Any], work: Path) -> dict[str, Any]:
     cuda = device.type == "cuda"
     base = _overrides(work, size, cuda)
-    _attnpipe("run", "jobs/decoder-tiny.yaml", "job.kind=preprocess", *base)
-    runs = {}
+    runs = {}  # the first run preprocesses (a train job does when its shards are missing)
     for backend, stage, checkpointing in size["runs"]:
         attention = [f"attention.backend={backend}"]
         attention += ["attention.pattern=sliding_window", f"attention.params.window={64}"]
