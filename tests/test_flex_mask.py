@@ -27,6 +27,7 @@ PATTERNS = [
     ("bigbird", {"block": 32, "window": 3, "random": 1, "per_head": True, "heads": 4}, True),
     ("variable", {"block": 64, "local_windows": [2, 3], "global_blocks": [1]}, True),
     ("dense", {"prefix": 200}, False),
+    ("deepspeed", {"mode": "bslongformer", "block": 32, "global_block_indices": [0, 9]}, True),
 ]
 CASES = [
     pytest.param(name, params, causal, id=f"{name}-{i}-{'causal' if causal else 'bidir'}")

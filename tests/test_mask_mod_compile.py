@@ -44,6 +44,27 @@ CASES = [
             "horizontal_global": True,
         },
     ),
+    (
+        "deepspeed",
+        {
+            "mode": "fixed",
+            "block": 8,
+            "num_global_blocks": 2,
+            "different_layout_per_head": True,
+            "num_different_global_patterns": 2,
+            "heads": 3,
+            "causal": False,
+            "horizontal_global_attention": True,
+        },
+    ),
+    (
+        "deepspeed",
+        {"mode": "bigbird", "block": 16, "num_random_blocks": 2, "causal": True, "prefix": 5},
+    ),
+    (
+        "deepspeed",
+        {"mode": "bslongformer", "block": 8, "global_block_indices": [3], "causal": False},
+    ),
 ]
 IDS = [f"{name}-{i}" for i, (name, _) in enumerate(CASES)]
 

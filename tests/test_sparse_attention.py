@@ -52,6 +52,19 @@ PATTERNS = [
     ),
     ("dense", {"prefix": 13}, False),
     ("sliding_window", {"window": 8, "prefix": 10}, False),
+    ("deepspeed", {"mode": "fixed", "block": 8, "num_local_blocks": 3}, True),
+    (
+        "deepspeed",
+        {
+            "mode": "bigbird",
+            "block": 8,
+            "num_random_blocks": 1,
+            "different_layout_per_head": True,
+            "heads": 4,
+        },
+        True,
+    ),
+    ("deepspeed", {"mode": "variable", "block": 8, "local_window_blocks": [2, 3]}, True),
 ]
 CASES = [
     pytest.param(name, params, causal, id=f"{name}-{i}-{'causal' if causal else 'bidir'}")

@@ -12,6 +12,7 @@ from models.attention.backends import (
     sparse_attention,
 )
 from models.attention.blocksparse import BlockSparsePlan, block_sparse_attention, build_plan
+from models.attention.deepspeed import DeepSpeedSparsity, from_deepspeed
 from models.attention.patterns import (
     PATTERNS,
     AttentionSpecError,
@@ -36,6 +37,7 @@ __all__ = [
     "BatchGeometry",
     "BigBird",
     "BlockSparsePlan",
+    "DeepSpeedSparsity",
     "Dense",
     "Dilated",
     "Fixed",
@@ -49,6 +51,7 @@ __all__ = [
     "build_plan",
     "dense_bias",
     "flex_block_mask",
+    "from_deepspeed",
     "make_backend",
     "make_pattern",
     "register_backend",

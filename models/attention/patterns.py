@@ -641,13 +641,8 @@ def _bigbird_random_table(pattern: BigBird, n_blocks: int) -> Tensor:
     """(Hn, N, r) BigBird's random key blocks: for each query block, `random` distinct blocks
     drawn from those outside its window and the globals (causal: at or before it), as the
     paper does, so every row has the same count wherever there are enough candidates; -1
-    pads a row that has fewer.
-
-    Draw j of row a is a 32-bit integer hash of (seed, head, a, j) (Wang/Jenkins-style
-    mixing) taken modulo the candidates left, then mapped past earlier draws and excluded
-    blocks: O(N * random * (random + window + globals)), the same on every device, and for
-    causal patterns the same at every length."""
-    heads = torch.arange(pattern.n_heads).view(-1, 1)
+    pads a row that has fewer. O(N * random * (random + window + globals)); for causal
+    patterns the same at every length (`distinct_draws`)."""
     a = torch.arange(n_blocks).view(1, -1)  # (1, N) query blocks
     hi = a if pattern.causal else torch.full_like(a, n_blocks - 1)  # last candidate block
     half = pattern.window // 2
@@ -662,11 +657,24 @@ def _bigbird_random_table(pattern: BigBird, n_blocks: int) -> Tensor:
     window = torch.where(window <= w_hi.unsqueeze(-1), window, torch.full_like(window, 1 << 40))
     excluded = torch.sort(torch.cat([window, glob], dim=-1), dim=-1).values  # (1, N, E)
     count = hi + 1 - (excluded < (1 << 40)).sum(-1)  # candidates per row, (1, N)
+    return distinct_draws(count, excluded, pattern.n_heads, pattern.random, pattern.seed)
 
-    table = torch.full((pattern.n_heads, n_blocks, pattern.random), -1, dtype=torch.long)
-    chosen = torch.empty(pattern.n_heads, n_blocks, 0, dtype=torch.long)  # ranks, sorted
-    for j in range(pattern.random):
-        x = (a * 1_000_003 + j * 7919 + heads * 104_729 + pattern.seed * 15_485_863) & 0x7FFFFFFF
+
+def distinct_draws(count: Tensor, excluded: Tensor, n_heads: int, random: int, seed: int) -> Tensor:
+    """(Hn, N, random): `random` distinct blocks for each row a of N, drawn among its
+    count[0, a] candidates, the blocks from 0 up that are not among its sorted `excluded`
+    blocks (1, N, E; 1 << 40 pads); -1 where a row has fewer candidates than draws.
+
+    Draw j of row a is a 32-bit integer hash of (seed, head, a, j) (Wang/Jenkins-style
+    mixing) taken modulo the candidates left, then mapped past earlier draws: the same on
+    every device, and a row's draws depend only on its own candidates."""
+    n_blocks = count.shape[-1]
+    heads = torch.arange(n_heads).view(-1, 1)
+    a = torch.arange(n_blocks).view(1, -1)  # (1, N) query blocks
+    table = torch.full((n_heads, n_blocks, random), -1, dtype=torch.long)
+    chosen = torch.empty(n_heads, n_blocks, 0, dtype=torch.long)  # ranks, sorted
+    for j in range(random):
+        x = (a * 1_000_003 + j * 7919 + heads * 104_729 + seed * 15_485_863) & 0x7FFFFFFF
         for _ in range(2):
             x = ((x >> 16) ^ x) * 0x45D9F3B & 0x7FFFFFFF
         x = (x >> 16) ^ x
