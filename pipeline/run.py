@@ -173,6 +173,11 @@ def run_job(
             f"job.kind: {spec.job.kind!r} jobs cannot be run yet; runnable kinds: "
             + ", ".join(RUNNABLE)
         )
+    if resume_from and spec.job.kind in ("train", "pipeline"):
+        from pipeline.train.driver import resume_target
+
+        # a wrong target is one line in seconds, not after a local Ray has started
+        resume_target(spec, resume_from, tracking_uri(spec.tracking.uri, spec.storage.work_dir))
     show = progress_printer()
     print_worker_output_once()
     preprocess_only = spec.job.kind == "preprocess"

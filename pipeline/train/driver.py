@@ -57,14 +57,20 @@ def check_resume(spec: JobSpec, folder: Path) -> None:
         )
 
 
-def preflight(spec: JobSpec, resume_from: str | None, uri: str) -> Path | None:
-    """Everything that can be checked before any data is read or worker started: the
-    cluster holds the workers, the resume target exists, is complete and fits."""
-    check_cluster(spec)
+def resume_target(spec: JobSpec, resume_from: str | None, uri: str) -> Path | None:
+    """The checkpoint `--resume-from` names, once it is known to exist, be complete and fit
+    the spec: a check that needs no Ray, so `attnpipe run` makes it before starting one."""
     resume = resolve_resume(resume_from, uri) if resume_from else None
     if resume is not None:
         check_resume(spec, resume)
     return resume
+
+
+def preflight(spec: JobSpec, resume_from: str | None, uri: str) -> Path | None:
+    """Everything that can be checked before any data is read or worker started: the
+    cluster holds the workers, the resume target exists, is complete and fits."""
+    check_cluster(spec)
+    return resume_target(spec, resume_from, uri)
 
 
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
