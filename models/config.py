@@ -168,8 +168,8 @@ class AttentionConfig(_Node):
 
     pattern: str = Field(
         "dense",
-        description="Pattern: dense, sliding_window, dilated, strided, fixed, longformer, bigbird "
-        "or variable",
+        description="Pattern: dense, sliding_window, dilated, strided, fixed, longformer, bigbird, "
+        "variable, or deepspeed (a DeepSpeed sparse_attention section as params)",
     )
     params: dict[str, Any] = Field(
         default_factory=dict,
