@@ -202,20 +202,29 @@ def export_model(
             "local store in attnpipe-work).",
         ),
     ] = None,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="attnpipe (model.safetensors + config.json + tokenizer.json) or hf (a "
+            "transformers folder: GPT-2 or LLaMA style decoders)",
+        ),
+    ] = "attnpipe",
 ) -> None:
     """Consolidate a checkpoint's ZeRO partitions into model.safetensors + config.json +
-    tokenizer.json."""
+    tokenizer.json, or a Hugging Face transformers folder."""
     import os
 
     from pipeline.tracking import tracking_uri as default_uri
     from pipeline.train.export import export
 
+    choose("--format", fmt, "attnpipe", "hf")
     uri = (
         tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(None, "attnpipe-work")
     )
     try:
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress: not the summary
-            result = export(target, out, uri)
+            result = export(target, out, uri, fmt)
     except UserError as exc:
         fail(str(exc))
     typer.echo(json.dumps(result, indent=2))

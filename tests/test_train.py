@@ -628,7 +628,26 @@ def test_attnpipe_run_pipeline_job_then_export_by_run_id(corpus, tmp_path):
         "model.safetensors",
         "tokenizer.json",
     ]
-    assert load_pretrained(out).cfg.family == "decoder"
+    ours = load_pretrained(out)
+    assert ours.cfg.family == "decoder"
+
+    # the same run as a transformers folder: GPT-NeoX's architecture (GPT-2's with RoPE),
+    # attnpipe's logits
+    import transformers
+
+    hf_out = tmp_path / "exported-hf"
+    export = subprocess.run(
+        [ATTNPIPE, "export", summary["mlflow_run_id"], "--out", str(hf_out), "--format", "hf",
+         "--tracking-uri", uri],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert export.returncode == 0, export.stderr[-2000:]
+    assert json.loads(export.stdout)["architecture"] == "GPTNeoXForCausalLM"
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(hf_out).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(hf_out)
+    ids = torch.tensor([tok("To be, or not to be")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(theirs(ids).logits, ours(ids), atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------- bad input

@@ -83,39 +83,55 @@ def _rank_of(path: Path) -> int:
     return int(path.name.split("_pp_rank_")[1].split("_")[0])
 
 
-def export(target: str, out: str | Path, tracking_uri: str | None = None) -> dict[str, Any]:
+def export(
+    target: str, out: str | Path, tracking_uri: str | None = None, fmt: str = "attnpipe"
+) -> dict[str, Any]:
     """Write the model of `target` (a checkpoint, a folder of checkpoints or an MLflow run
-    id) into `out`: built in a temporary folder next to it, then moved into place, so `out`
-    is either complete or absent."""
+    id) into `out`, as attnpipe's folder or (fmt "hf") a transformers one: built in a
+    temporary folder next to it, then moved into place, so `out` is either complete or
+    absent."""
+    from models.hf import NoEquivalent, hf_style, save_hf
     from models.pretrained import save_pretrained
 
     folder = resolve_resume(target, tracking_uri, option="export")
     meta = read_meta(folder)
     spec = validate_spec(meta["spec"], f"{folder}/meta.json")
+    model = spec.model.architecture()
+    if fmt == "hf":
+        try:
+            hf_style(model, spec.attention)
+        except NoEquivalent as exc:
+            raise UserError(f"--format hf: {exc}") from None
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out}: exists and is not empty")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    result = {"out": str(out), "checkpoint": str(folder), "step": meta["step"]}
     try:
-        save_pretrained(
-            staging,
-            consolidated_state(folder),
-            spec.model.architecture(),
-            spec.attention,
-            extra={
-                "family": spec.model.family,
-                "step": meta["step"],
-                "data_fingerprint": meta["data_fingerprint"],
-                "source_checkpoint": str(folder),
-            },
-        )
         tokenizer = local_file(meta.get("data_dir", ""), TOKENIZER)
-        if tokenizer.is_file():
-            shutil.copy2(tokenizer, staging / TOKENIZER)
+        if fmt == "hf":
+            state = consolidated_state(folder)
+            found = tokenizer if tokenizer.is_file() else None
+            result.update(save_hf(staging, state, model, spec.attention, found))
+        else:
+            save_pretrained(
+                staging,
+                consolidated_state(folder),
+                model,
+                spec.attention,
+                extra={
+                    "family": spec.model.family,
+                    "step": meta["step"],
+                    "data_fingerprint": meta["data_fingerprint"],
+                    "source_checkpoint": str(folder),
+                },
+            )
+            if tokenizer.is_file():
+                shutil.copy2(tokenizer, staging / TOKENIZER)
         if out.exists():
             out.rmdir()
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"out": str(out), "checkpoint": str(folder), "step": meta["step"]}
+    return result
