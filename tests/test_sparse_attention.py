@@ -52,19 +52,18 @@ PATTERNS = [
     ),
     ("dense", {"prefix": 13}, False),
     ("sliding_window", {"window": 8, "prefix": 10}, False),
-    ("deepspeed", {"mode": "fixed", "block": 8, "num_local_blocks": 3}, True),
-    (
+    (  # DeepSpeed's fixed mode, its global blocks differing by head
         "deepspeed",
         {
-            "mode": "bigbird",
+            "mode": "fixed",
             "block": 8,
-            "num_random_blocks": 1,
+            "num_local_blocks": 3,
             "different_layout_per_head": True,
+            "num_different_global_patterns": 3,
             "heads": 4,
         },
         True,
     ),
-    ("deepspeed", {"mode": "variable", "block": 8, "local_window_blocks": [2, 3]}, True),
 ]
 CASES = [
     pytest.param(name, params, causal, id=f"{name}-{i}-{'causal' if causal else 'bidir'}")
