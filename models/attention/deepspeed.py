@@ -43,11 +43,10 @@ from torch import Tensor
 
 from models.attention.patterns import (
     AttentionSpecError,
+    BlockRule,
     Pattern,
     Tables,
-    Tiles,
     Variable,
-    _block_rule_tiles,
     _in,
     _membership,
     _on,
@@ -64,7 +63,7 @@ DIRECTIONS = ("unidirectional", "bidirectional")
 
 @register_pattern
 @dataclass(frozen=True)
-class DeepSpeedSparsity(Pattern):
+class DeepSpeedSparsity(BlockRule):
     """A DeepSpeed `sparse_attention` section as a pattern; its fields are the section's
     keys, spelled as DeepSpeed's JSON spells them. `heads` and `seed` are attnpipe's: the
     model's head count (for `different_layout_per_head`) and the random blocks' seed."""
@@ -285,18 +284,6 @@ class DeepSpeedSparsity(Pattern):
             for j in range(self.num_random_blocks):
                 allowed = allowed | (draws[j][slot] == kb)
         return allowed
-
-    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, tables: Tables) -> Tensor:
-        return self._block_rule(h, q // self.block, k // self.block, tables)
-
-    def _tiles(self, t: Tiles) -> Tensor:
-        tables = self._tables(t.seq_len, torch.device("cpu"))
-        heads = torch.arange(self.n_heads).view(-1, 1, 1) if self.n_heads > 1 else None
-
-        def rule(qb: Tensor, kb: Tensor) -> Tensor:
-            return self._block_rule(heads, qb, kb, tables)
-
-        return _block_rule_tiles(rule, self.block, self.causal, t)
 
 
 SECTION_KEYS = tuple(

@@ -291,6 +291,29 @@ def _dilated_reach(window: int, dilation: int, causal: bool) -> tuple[int, int]:
     return -(window // 2) * dilation, (window // 2) * dilation
 
 
+class BlockRule(Pattern):
+    """A pattern whose rule is defined on blocks of `block` tokens: subclasses give
+    `_block_rule(h, qb, kb, tables)`; the token rule and the exact tile layout follow."""
+
+    block: int
+
+    @abstractmethod
+    def _block_rule(self, h: Tensor | None, qb: Tensor, kb: Tensor, tables: Tables) -> Tensor:
+        """The rule on query and key blocks; h indexes the heads (None: head 0)."""
+
+    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, tables: Tables) -> Tensor:
+        return self._block_rule(h, q // self.block, k // self.block, tables)
+
+    def _tiles(self, t: Tiles) -> Tensor:
+        tables = self._tables(t.seq_len, torch.device("cpu"))
+        heads = torch.arange(self.n_heads).view(-1, 1, 1)
+
+        def rule(qb: Tensor, kb: Tensor) -> Tensor:
+            return self._block_rule(heads, qb, kb, tables)
+
+        return _block_rule_tiles(rule, self.block, self.causal, t)
+
+
 # ====================================================================== the patterns
 
 
@@ -534,7 +557,7 @@ class Longformer(Pattern):
 
 @register_pattern
 @dataclass(frozen=True)
-class BigBird(Pattern):
+class BigBird(BlockRule):
     """BigBird (Zaheer et al. 2020) on blocks of `block` tokens: each query block meets
     `window` neighbouring key blocks (window // 2 each side; causal: window - 1 back),
     the `global_blocks` (which also meet everything), and `random` further key blocks drawn
@@ -602,7 +625,6 @@ class BigBird(Pattern):
         return table.permute(2, 0, 1).reshape(self.random, self.n_heads * n_blocks).to(device)
 
     def _block_rule(self, h: Tensor | None, qb: Tensor, kb: Tensor, tables: Tables) -> Tensor:
-        """The rule on blocks; h indexes the heads (None: head 0)."""
         allowed = self._window(qb, kb) | _in(tables["globals"], qb) | _in(tables["globals"], kb)
         if "random" in tables:
             draws = _on(tables["random"], qb)
@@ -622,18 +644,6 @@ class BigBird(Pattern):
         for j in range(self.random):
             allowed = allowed | (draws[j][slot] == kb)
         return allowed
-
-    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, tables: Tables) -> Tensor:
-        return self._block_rule(h, q // self.block, k // self.block, tables)
-
-    def _tiles(self, t: Tiles) -> Tensor:
-        tables = self._tables(t.seq_len, torch.device("cpu"))
-        heads = torch.arange(self.n_heads).view(-1, 1, 1)
-
-        def rule(qb: Tensor, kb: Tensor) -> Tensor:
-            return self._block_rule(heads, qb, kb, tables)
-
-        return _block_rule_tiles(rule, self.block, self.causal, t)
 
 
 @functools.lru_cache(maxsize=64)
@@ -730,7 +740,7 @@ def _regrid(grid: Tensor, unit: int, t: Tiles) -> Tensor:
 
 @register_pattern
 @dataclass(frozen=True)
-class Variable(Pattern):
+class Variable(BlockRule):
     """DeepSpeed's VariableSparsityConfig, in blocks of `block` tokens: the sequence is cut
     into consecutive local windows of `local_windows` blocks (the last size repeats); a
     query block meets the key blocks of its own window, the `global_blocks` (and the
@@ -806,23 +816,12 @@ class Variable(Pattern):
             for b in range(s, e)
         )
 
-    def _block_rule(self, qb: Tensor, kb: Tensor, tables: Tables) -> Tensor:
+    def _block_rule(self, h: Tensor | None, qb: Tensor, kb: Tensor, tables: Tables) -> Tensor:
         allowed = self._window_of(qb, tables) == self._window_of(kb, tables)
         allowed = allowed | _in(tables["globals"], kb)
         if self.horizontal_global:
             allowed = allowed | _in(tables["globals"], qb)
         return allowed
-
-    def _rule(self, h: Tensor | None, q: Tensor, k: Tensor, tables: Tables) -> Tensor:
-        return self._block_rule(q // self.block, k // self.block, tables)
-
-    def _tiles(self, t: Tiles) -> Tensor:
-        tables = self._tables(t.seq_len, torch.device("cpu"))
-
-        def rule(qb: Tensor, kb: Tensor) -> Tensor:
-            return self._block_rule(qb, kb, tables)
-
-        return _block_rule_tiles(rule, self.block, self.causal, t)
 
 
 @dataclass(frozen=True)
