@@ -34,7 +34,9 @@ def test_dense_pattern_three_views_agree(causal):
 
 
 def test_unknown_pattern_and_backend_list_the_known_names():
-    with pytest.raises(AttentionSpecError, match="known patterns: bigbird, dense, dilated"):
+    with pytest.raises(
+        AttentionSpecError, match="known patterns: bigbird, deepspeed, dense, dilated"
+    ):
         make_pattern("longformerr")
     with pytest.raises(
         AttentionSpecError, match="known backends: blocksparse, flex, reference, sdpa"

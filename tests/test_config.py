@@ -147,7 +147,7 @@ BAD = [
     (
         "attention:\n  pattern: longformerr\n",
         (),
-        ["attention.pattern", "known patterns: bigbird, dense"],
+        ["attention.pattern", "known patterns: bigbird, deepspeed, dense"],
     ),
     ("attention:\n  backend: flash\n", (), ["attention.backend", "known backends"]),
     ("attention:\n  params: {window: 3}\n", (), ["attention.params", "window"]),

@@ -578,7 +578,7 @@ def test_heatmaps_render_for_every_backend(tmp_path, backend):
 def test_bad_patterns_and_parameters_fail_with_clear_messages():
     with pytest.raises(
         AttentionSpecError,
-        match="known patterns: bigbird, dense, dilated, "
+        match="known patterns: bigbird, deepspeed, dense, dilated, "
         "fixed, longformer, sliding_window, strided, variable",
     ):
         make_pattern("reformer")
