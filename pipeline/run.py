@@ -62,8 +62,7 @@ def start_local_ray(
     if ray.is_initialized():
         return False
     runtime_env = {"env_vars": dict(CPU_WORKER_ENV)} if cpu_training else None
-    address = os.environ.get("RAY_ADDRESS", "")
-    if address and not address.startswith(("http://", "https://")):
+    if joins_a_cluster():
         ray.init(log_to_driver=log_to_driver, runtime_env=runtime_env)  # Ray forbids start args
         return True
     os.environ.pop("RAY_ADDRESS", None)  # a Jobs API URL: not for this Ray's processes either
@@ -77,6 +76,17 @@ def start_local_ray(
         runtime_env=runtime_env,
     )
     return True
+
+
+def joins_a_cluster() -> bool:
+    """Whether start_local_ray would join a running cluster (RAY_ADDRESS names one, or this
+    process is already connected) rather than start an embedded Ray on this machine."""
+    import os
+
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS", "")
+    return ray.is_initialized() or bool(address and not address.startswith(("http://", "https://")))
 
 
 def stop_local_ray(grace_s: float = 10.0) -> None:
@@ -173,11 +183,16 @@ def run_job(
             f"job.kind: {spec.job.kind!r} jobs cannot be run yet; runnable kinds: "
             + ", ".join(RUNNABLE)
         )
-    if resume_from and spec.job.kind in ("train", "pipeline"):
-        from pipeline.train.driver import resume_target
+    if spec.job.kind in ("train", "pipeline"):
+        from pipeline.train.driver import check_resources, resume_target
 
-        # a wrong target is one line in seconds, not after a local Ray has started
+        # a wrong target, or GPUs this machine lacks for the Ray it would start, is one line
+        # in seconds, not after a local Ray has started
         resume_target(spec, resume_from, tracking_uri(spec.tracking.uri, spec.storage.work_dir))
+        if spec.resources.gpus_per_worker and not joins_a_cluster():
+            import torch
+
+            check_resources(spec, {"GPU": torch.cuda.device_count()}, "this machine")
     show = progress_printer()
     print_worker_output_once()
     preprocess_only = spec.job.kind == "preprocess"

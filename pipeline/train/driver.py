@@ -33,17 +33,22 @@ def check_cluster(spec: JobSpec) -> None:
     """Fail before any worker starts when the Ray cluster cannot hold the workers asked for."""
     import ray
 
-    r = spec.resources
     total = ray.cluster_resources()
+    check_resources(spec, {k: total.get(k, 0.0) for k in ("GPU", "CPU")}, "the Ray cluster")
+
+
+def check_resources(spec: JobSpec, have: dict[str, float], where: str) -> None:
+    """One line when the workers need more GPUs or CPUs than `where` has."""
+    r = spec.resources
     for key, each, field in (
         ("GPU", r.gpus_per_worker, "resources.gpus_per_worker"),
         ("CPU", r.cpus_per_worker, "resources.cpus_per_worker"),
     ):
-        need, have = each * r.num_workers, total.get(key, 0.0)
-        if need > have:
+        need = each * r.num_workers
+        if key in have and need > have[key]:
             raise UserError(
                 f"{field}: {r.num_workers} workers x {each:g} {key} = {need:g} {key}s requested, "
-                f"the Ray cluster has {have:g}"
+                f"{where} has {have[key]:g}"
             )
 
 
