@@ -27,10 +27,10 @@ from typing import Any
 import torch
 
 from models.config import AttentionConfig, ModelConfig
+from models.pretrained import WEIGHTS
 
-WEIGHTS = "model.safetensors"
 # the BPE's special tokens (pipeline/data/tokenizer.py): documents end with EOD
-EOD, PAD, BOS = "<|endoftext|>", "<|pad|>", "<|bos|>"
+EOD, PAD = "<|endoftext|>", "<|pad|>"
 
 # the styles by (positional, norm), and what else each needs: (ModelConfig field, value,
 # what transformers has)
@@ -245,7 +245,7 @@ def save_hf(
     if tokenizer is not None:
         vocab = json.loads(Path(tokenizer).read_text())["added_tokens"]
         ids = {t["content"]: t["id"] for t in vocab}
-        special = {k: ids[v] for k, v in (("eos", EOD), ("pad", PAD), ("bos", BOS)) if v in ids}
+        special = {k: ids[v] for k, v in (("eos", EOD), ("pad", PAD)) if v in ids}
         shutil.copy2(tokenizer, folder / "tokenizer.json")
         tokens = {"eos_token": EOD, "bos_token": EOD, "pad_token": PAD}
         (folder / "tokenizer_config.json").write_text(

@@ -207,7 +207,7 @@ def export_model(
         typer.Option(
             "--format",
             help="attnpipe (model.safetensors + config.json + tokenizer.json) or hf (a "
-            "transformers folder: GPT-2 or LLaMA style decoders)",
+            "transformers folder: GPT-2, GPT-NeoX or LLaMA style decoders)",
         ),
     ] = "attnpipe",
 ) -> None:

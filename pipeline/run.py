@@ -187,19 +187,21 @@ def run_job(
             f"job.kind: {spec.job.kind!r} jobs cannot be run yet; runnable kinds: "
             + ", ".join(RUNNABLE)
         )
-    if spec.job.kind in ("train", "pipeline"):
+    preprocess_only = spec.job.kind == "preprocess"
+    if not preprocess_only:
         from pipeline.train.driver import check_resources, resume_target
 
         # a wrong target, or GPUs this machine lacks for the Ray it would start, is one line
-        # in seconds, not after a local Ray has started
-        resume_target(spec, resume_from, tracking_uri(spec.tracking.uri, spec.storage.work_dir))
+        # in seconds, not after a local Ray has started; run_train gets the folder found
+        uri = tracking_uri(spec.tracking.uri, spec.storage.work_dir)
+        resume = resume_target(spec, resume_from, uri)
+        resume_from = str(resume) if resume is not None else None
         if spec.resources.gpus_per_worker and not joins_a_cluster():
             import torch
 
             check_resources(spec, {"GPU": torch.cuda.device_count()}, "this machine")
     show = progress_printer()
     print_worker_output_once()
-    preprocess_only = spec.job.kind == "preprocess"
     started = (
         start_local_ray(2)
         if preprocess_only
@@ -217,10 +219,10 @@ def run_job(
 def _train_or_pipeline(
     spec: JobSpec, show: Any, resume_from: str | None, faults: dict[str, Any] | None
 ) -> dict[str, Any]:
-    from pipeline.train.driver import preflight, run_train
+    from pipeline.train.driver import check_cluster, run_train
 
     uri = tracking_uri(spec.tracking.uri, spec.storage.work_dir)
-    preflight(spec, resume_from, uri)  # before any preprocessing
+    check_cluster(spec)  # before any preprocessing; run_job has checked the resume target
     if spec.job.kind == "compare":
         from pipeline.compare import run_compare
 

@@ -204,7 +204,7 @@ def test_a_bad_section_is_one_line_naming_the_key():
         ({"mode": "variable", "local_window_blocks": [2, 0]}, "local_window_blocks[1] must be"),
     ]
     for section, message in cases:
-        with pytest.raises(AttentionSpecError, match=None) as err:
+        with pytest.raises(AttentionSpecError) as err:
             from_deepspeed(section)
         assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
 

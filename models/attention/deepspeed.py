@@ -51,6 +51,7 @@ from models.attention.patterns import (
     _membership,
     _on,
     _positive,
+    block_ranges,
     distinct_draws,
     register_pattern,
 )
@@ -196,11 +197,7 @@ class DeepSpeedSparsity(BlockRule):
         """Variable's and Longformer's global blocks (DeepSpeed skips those past the end)."""
         if self.mode == "bigbird":
             return tuple(range(self.num_global_blocks))
-        ends = self.global_block_end_indices
-        if ends is None:
-            return self.global_block_indices
-        pairs = zip(self.global_block_indices, ends, strict=True)
-        return tuple(b for s, e in pairs for b in range(s, e))
+        return block_ranges(self.global_block_indices, self.global_block_end_indices)
 
     def _fixed_globals(self, n_blocks: int) -> Tensor:
         """(Hn, N) fixed mode's global blocks per head: in every whole window of L blocks,

@@ -291,6 +291,13 @@ def _dilated_reach(window: int, dilation: int, causal: bool) -> tuple[int, int]:
     return -(window // 2) * dilation, (window // 2) * dilation
 
 
+def block_ranges(starts: Sequence[int], ends: Sequence[int] | None) -> tuple[int, ...]:
+    """The blocks `starts` names, or with `ends` the ranges [starts[i], ends[i])."""
+    if ends is None:
+        return tuple(starts)
+    return tuple(b for s, e in zip(starts, ends, strict=True) for b in range(s, e))
+
+
 class BlockRule(Pattern):
     """A pattern whose rule is defined on blocks of `block` tokens: subclasses give
     `_block_rule(h, qb, kb, tables)`; the token rule and the exact tile layout follow."""
@@ -808,13 +815,7 @@ class Variable(BlockRule):
         _in_range(self.name, "global_blocks", self._global_blocks(), n_blocks, "blocks")
 
     def _global_blocks(self) -> tuple[int, ...]:
-        if self.global_end_blocks is None:
-            return self.global_blocks
-        return tuple(
-            b
-            for s, e in zip(self.global_blocks, self.global_end_blocks, strict=True)
-            for b in range(s, e)
-        )
+        return block_ranges(self.global_blocks, self.global_end_blocks)
 
     def _block_rule(self, h: Tensor | None, qb: Tensor, kb: Tensor, tables: Tables) -> Tensor:
         allowed = self._window_of(qb, tables) == self._window_of(kb, tables)

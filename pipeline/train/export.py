@@ -110,14 +110,14 @@ def export(
     result = {"out": str(out), "checkpoint": str(folder), "step": meta["step"]}
     try:
         tokenizer = local_file(meta.get("data_dir", ""), TOKENIZER)
+        state = consolidated_state(folder)
         if fmt == "hf":
-            state = consolidated_state(folder)
             found = tokenizer if tokenizer.is_file() else None
             result.update(save_hf(staging, state, model, spec.attention, found))
         else:
             save_pretrained(
                 staging,
-                consolidated_state(folder),
+                state,
                 model,
                 spec.attention,
                 extra={
