@@ -313,6 +313,20 @@ def test_sources_blend_by_weight(ray_local, tmp_path):
     first = train[: len(train) - sum(1 for d in train if d < 63) // 2]
     assert first == sorted(first) and train[len(first) :] == [d for d in first if d < 63]
     assert manifest["splits"]["train"]["documents"] == len(train)
+    # bits per byte's counts: every copy's tokens and end token, as the shards hold them,
+    # and its UTF-8 bytes (a's documents twice)
+    for split in ("train", "val"):
+        entry = manifest["splits"][split]
+        held = sum(
+            int((np.load(tmp_path / "out" / s["file"])[:, 1] != PAD_DOC).sum())
+            for s in entry["shards"]
+        )
+        assert entry["predicted_tokens"] == held
+    docs = sorted((tmp_path / "a").glob("doc*.txt"))  # ids 0-59; 60-62 dropped; b from 63
+    texts = [stages.normalize_text(p.read_text()) for p in docs]
+    texts += [f"another text, number {i}" for i in range(200)]
+    size = sum(len(texts[d if d < 60 else d - 3].encode()) for d in order)  # each copy
+    assert sum(manifest["splits"][s]["bytes"] for s in ("train", "val")) == size
     # the same data again, blended the same way
     again = preprocess(node, tmp_path / "again", vocab_size=300, progress=lambda m: None)
     assert again["splits"] == manifest["splits"]
@@ -430,7 +444,7 @@ def test_attnpipe_run_preprocesses_logs_to_mlflow_and_then_hits_the_cache(tmp_pa
     assert dataset.digest == manifest["fingerprint"][:36]
 
 
-def test_attnpipe_run_rejects_kinds_it_cannot_run_yet():
+def test_attnpipe_run_refuses_an_evaluate_job_without_models():
     import subprocess
     import sys
 
@@ -448,4 +462,4 @@ def test_attnpipe_run_rejects_kinds_it_cannot_run_yet():
         timeout=120,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "job.kind: 'evaluate' jobs cannot be run yet" in result.stderr
+    assert "evaluate.models: an evaluate job needs at least one model" in result.stderr

@@ -59,7 +59,9 @@ Progress = Callable[[str], None]
 def fingerprint(data: DataNode, vocab_size: int, paired: bool, sources: list[str]) -> str:
     """What the output depends on: the resolved data config and what the sources hold
     (`sources`: their `source_fingerprint`s)."""
-    h = hashlib.sha256(f"v{FORMAT_VERSION}|{vocab_size}|{paired}|".encode())
+    # "bytes": outputs since the manifest counts each split's bytes (the shards are as
+    # before); an older output is a cache miss, so bits per byte finds its counts
+    h = hashlib.sha256(f"v{FORMAT_VERSION}|bytes|{vocab_size}|{paired}|".encode())
     h.update(data.model_dump_json().encode())
     for source in sources:
         h.update(source.encode())
@@ -121,6 +123,10 @@ class _Consumer:
         self.dropped = {reason: 0 for reason in stages.FILTER_REASONS} | {"duplicate": 0}
         self.tokens = 0
         self.documents = {"train": 0, "val": 0}
+        # per split: the tokens a model predicts (the target side of a pair) and their UTF-8
+        # bytes, every copy counted: bits per byte = loss / ln 2 x predicted / bytes
+        self.predicted = {"train": 0, "val": 0}
+        self.bytes = {"train": 0, "val": 0}
         self.seen: set[bytes] = set()
         # the later passes over sources of weight above 1, written after the first pass;
         # their documents wait in .npz files under `spill`, not in memory
@@ -152,6 +158,7 @@ class _Consumer:
             # of the documents, chosen by content hash (stable)
             copies[split].append(int(whole) + int(stages.hash_below(hashes[i], frac, salt=1)))
         columns = [c for c in ("ids", "target_ids") if c in table.column_names]
+        sizes = table.column("bytes").to_numpy()
         for split, rows in chosen.items():
             if not rows:
                 continue
@@ -162,6 +169,9 @@ class _Consumer:
                 parts += [lists.value_lengths().to_numpy(), lists.flatten().to_numpy()]
                 self.tokens += int(parts[-1].size)
             count = np.array(copies[split])
+            # the last column is the predicted one; a document's end token is predicted too
+            self.predicted[split] += int(((parts[-2] + 1) * count).sum())
+            self.bytes[split] += int((sizes[at] * count).sum())
             doc_ids = (first + at).astype(np.uint32)
             for copy in range(int(count.max())):
                 keep = count > copy
@@ -363,6 +373,8 @@ def _run(
             split: {
                 "documents": consumer.documents[split],
                 "samples": consumer.writers[split].samples,
+                "predicted_tokens": consumer.predicted[split],
+                "bytes": consumer.bytes[split],
                 "shards": entries,
             }
             for split, entries in shards.items()

@@ -137,7 +137,9 @@ def clean_and_encode(
     """The per-document work of preprocessing in one pass over a block (a pyarrow Table
     with `text`, and `target` for paired data): normalize, tag a drop reason, hash, and
     encode the documents that stay. Returns a table with one row per input document, in
-    order: `hash`, `drop`, `ids` (list<uint32>, empty when dropped) and `target_ids`."""
+    order: `hash`, `drop`, `ids` (list<uint32>, empty when dropped), `target_ids`, and
+    `bytes`: the UTF-8 bytes of the text a model predicts (the target of a pair), for bits
+    per byte."""
     import pyarrow as pa
 
     batch = {"text": np.array(as_text(block.column("text").to_pylist()), dtype=object)}
@@ -147,6 +149,10 @@ def clean_and_encode(
     stay = [i for i, reason in enumerate(batch["drop"]) if not reason]
     tok = _tokenizer(tokenizer_json, tokenizer_digest)
     out = {c: pa.array(batch[c], pa.string()) for c in ("hash", "drop")}
+    predicted = batch["target" if "target" in batch else "text"]
+    sizes = np.zeros(len(batch["text"]), dtype=np.int64)
+    sizes[stay] = [len(predicted[i].encode()) for i in stay]
+    out["bytes"] = pa.array(sizes)
     for column, name in (("text", "ids"), ("target", "target_ids")):
         if column not in batch:
             continue
