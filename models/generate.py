@@ -7,6 +7,7 @@ Shapes: B batch, P prompt length, N new tokens, V vocabulary.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,6 +48,7 @@ def _decode(
     top_k: int | None,
     eos_id: int | None,
     generator: torch.Generator | None,
+    on_token: Callable[[Tensor], None] | None = None,
 ) -> Tensor:
     new = tokens
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
@@ -56,6 +58,8 @@ def _decode(
         if eos_id is not None:
             nxt = nxt.masked_fill(finished, eos_id)  # a finished row keeps emitting eos
             finished |= nxt == eos_id
+        if on_token is not None:
+            on_token(nxt)
         new = nxt[:, None]
         tokens = torch.cat([tokens, new], dim=1)
         if eos_id is not None and bool(finished.all()):
@@ -73,8 +77,9 @@ def generate(
     use_cache: bool = True,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    on_token: Callable[[Tensor], None] | None = None,
 ) -> Tensor:
-    """(B, P + N) prompt followed by generated tokens."""
+    """(B, P + N) prompt followed by generated tokens; `on_token` sees each step's (B,)."""
 
     def step(tokens: Tensor, new: Tensor, cache: KVCache | None) -> Tensor:
         if cache is None:
@@ -82,7 +87,9 @@ def generate(
         return model(new, cache=cache)[:, -1]
 
     cache = model.new_cache() if use_cache else None
-    return _decode(step, prompt, cache, max_new_tokens, temperature, top_k, eos_id, generator)
+    return _decode(
+        step, prompt, cache, max_new_tokens, temperature, top_k, eos_id, generator, on_token
+    )
 
 
 @torch.no_grad()
@@ -97,6 +104,7 @@ def generate_seq2seq(
     use_cache: bool = True,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    on_token: Callable[[Tensor], None] | None = None,
 ) -> Tensor:
     """(B, 1 + N) target tokens starting with `bos_id`; the source is encoded once."""
     memory = model.encode(src, src_padding_mask)
@@ -108,4 +116,60 @@ def generate_seq2seq(
 
     start = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=src.device)
     cache = model.new_cache() if use_cache else None
-    return _decode(step, start, cache, max_new_tokens, temperature, top_k, eos_id, generator)
+    return _decode(
+        step, start, cache, max_new_tokens, temperature, top_k, eos_id, generator, on_token
+    )
+
+
+EOD, BOS, MASK = "<|endoftext|>", "<|bos|>", "<|mask|>"
+
+
+@torch.no_grad()
+def complete(
+    model: torch.nn.Module,
+    tokenizer: Any,  # a `tokenizers.Tokenizer`
+    family: str,
+    prompt: str,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> str:
+    """The text a trained model makes of `prompt`: a decoder continues it, an
+    encoder-decoder generates its target, an encoder fills each <|mask|> token (at once: no
+    sampling). `on_text` gets the text as it grows, piece by piece (decoded from all tokens
+    so far, so a character split over byte-level tokens comes out whole)."""
+    eod = tokenizer.token_to_id(EOD)
+    ids = torch.tensor([tokenizer.encode(prompt).ids], dtype=torch.long)
+    if family == "encoder":
+        best = model(ids).argmax(-1)[0]
+        filled = torch.where(ids[0] == tokenizer.token_to_id(MASK), best, ids[0])
+        text = tokenizer.decode([int(t) for t in filled if int(t) != eod])
+        if on_text is not None:
+            on_text(text)
+        return text
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    out: list[int] = []
+    shown = ""
+
+    def grow(nxt: Tensor) -> None:
+        nonlocal shown
+        if int(nxt[0]) == eod:
+            return
+        out.append(int(nxt[0]))
+        text = tokenizer.decode(out)
+        if on_text is not None and text.startswith(shown) and not text.endswith("\ufffd"):
+            on_text(text[len(shown) :])
+            shown = text
+
+    sampling = dict(temperature=temperature, top_k=top_k, eos_id=eod, generator=generator)
+    if family == "decoder":
+        generate(model, ids, max_new_tokens, on_token=grow, **sampling)
+    else:
+        bos = tokenizer.token_to_id(BOS)
+        generate_seq2seq(model, ids, max_new_tokens, bos, on_token=grow, **sampling)
+    text = tokenizer.decode(out)
+    if on_text is not None and len(text) > len(shown):
+        on_text(text[len(shown) :] if text.startswith(shown) else text)
+    return text

@@ -284,6 +284,36 @@ def test_top_k_one_is_greedy_and_eos_stops():
     assert stopped.shape[1] == 5 and stopped[0, -1] == eos
 
 
+@pytest.mark.parametrize("family", ["decoder", "encoder_decoder", "encoder"])
+def test_complete_streams_the_text_it_returns(family):
+    """`attnpipe generate` and the MLflow model's text: pieces as they come, which join to
+    the whole (a character over several byte-level tokens comes out whole), the tokens
+    `generate` picks, and an encoder's mask filled."""
+    from models.generate import MASK, complete
+    from pipeline.data.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["caf\u00e9 na\u00efve \u00fcber \u4e2d\u6587 the quick fox"] * 8, 300)
+    model = tiny(family, vocab_size=tok.get_vocab_size())
+    prompt = f"the quick {MASK} fox" if family == "encoder" else "the quick"
+    pieces: list[str] = []
+    text = complete(model, tok, family, prompt, 12, on_text=pieces.append)
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces[:-1])
+    ids = torch.tensor([tok.encode(prompt).ids])
+    if family == "decoder":
+        want = generate(model, ids, 12, eos_id=tok.token_to_id("<|endoftext|>"))[0, ids.shape[1] :]
+    elif family == "encoder_decoder":
+        bos, eod = tok.token_to_id("<|bos|>"), tok.token_to_id("<|endoftext|>")
+        want = generate_seq2seq(model, ids, 12, bos, eos_id=eod)[0, 1:]
+    else:
+        at = ids[0] == tok.token_to_id(MASK)
+        want = torch.where(at, model(ids).argmax(-1)[0], ids[0])
+        assert len(pieces) == 1
+    eod = tok.token_to_id("<|endoftext|>")
+    assert text == tok.decode([int(t) for t in want if int(t) != eod])
+    sampled = [complete(model, tok, family, prompt, 12, 1.0, 5, seed=3) for _ in range(2)]
+    assert sampled[0] == sampled[1]  # a seed repeats
+
+
 def test_learned_positions_refuse_sequences_beyond_max_seq_len():
     model = tiny(max_seq_len=16)
     with pytest.raises(ValueError, match="exceeds max_seq_len=16"):

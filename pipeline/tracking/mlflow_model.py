@@ -29,31 +29,15 @@ class AttnpipeModel(PythonModel):
         self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
 
     def predict(self, context, model_input, params=None):  # no hints: the signature rules
-        import torch
-
-        from models.generate import generate, generate_seq2seq
+        from models.generate import complete
 
         prompts = (
             list(model_input.iloc[:, 0]) if hasattr(model_input, "columns") else list(model_input)
         )
         max_new = int((params or {}).get("max_new_tokens", 32))
-        eod = self.tok.token_to_id("<|endoftext|>")
-        out = []
-        for prompt in prompts:
-            ids = torch.tensor([self.tok.encode(str(prompt)).ids], dtype=torch.long)
-            if self.family == "decoder":
-                tokens = generate(self.model, ids, max_new, eos_id=eod)[0, ids.shape[1] :]
-            elif self.family == "encoder_decoder":
-                bos = self.tok.token_to_id("<|bos|>")
-                tokens = generate_seq2seq(self.model, ids, max_new, bos, eos_id=eod)[0, 1:]
-            else:
-                with torch.no_grad():
-                    best = self.model(ids).argmax(-1)[0]
-                mask = ids[0] == self.tok.token_to_id("<|mask|>")
-                tokens = torch.where(mask, best, ids[0])
-            kept = [int(t) for t in tokens if int(t) != eod]
-            out.append(self.tok.decode(kept))
-        return out
+        return [
+            complete(self.model, self.tok, self.family, str(prompt), max_new) for prompt in prompts
+        ]
 
 
 mlflow.models.set_model(AttnpipeModel())
