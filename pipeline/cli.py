@@ -141,7 +141,7 @@ def run(spec: SpecArg, overrides: OverridesArg = None, resume_from: ResumeOpt = 
             "samples": {k: v["samples"] for k, v in result["splits"].items()},
             "mlflow_run_id": result["mlflow_run_id"],
         }
-    elif resolved.job.kind in ("retrain", "compare"):
+    elif resolved.job.kind in ("evaluate", "retrain", "compare"):
         summary = result
     else:
         summary = {
@@ -184,6 +184,16 @@ def plan_memory(
         render(result)
 
 
+TrackingUriOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow store holding the run id or registered model (default: "
+        "$MLFLOW_TRACKING_URI, else the local store in attnpipe-work).",
+    ),
+]
+
+
 @app.command("export")
 def export_model(
     target: Annotated[
@@ -194,14 +204,7 @@ def export_model(
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Folder to write (new or empty).")],
-    tracking_uri: Annotated[
-        str | None,
-        typer.Option(
-            "--tracking-uri",
-            help="MLflow store holding the run id (default: $MLFLOW_TRACKING_URI, else the "
-            "local store in attnpipe-work).",
-        ),
-    ] = None,
+    tracking_uri: TrackingUriOpt = None,
     fmt: Annotated[
         str,
         typer.Option(
@@ -213,21 +216,79 @@ def export_model(
 ) -> None:
     """Consolidate a checkpoint's ZeRO partitions into model.safetensors + config.json +
     tokenizer.json, or a Hugging Face transformers folder."""
-    import os
-
-    from pipeline.tracking import tracking_uri as default_uri
     from pipeline.train.export import export
 
     choose("--format", fmt, "attnpipe", "hf")
-    uri = (
-        tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(None, "attnpipe-work")
-    )
     try:
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress: not the summary
-            result = export(target, out, uri, fmt)
+            result = export(target, out, store(tracking_uri), fmt)
     except UserError as exc:
         fail(str(exc))
     typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
+def generate(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="models:/NAME@ALIAS, models:/NAME/VERSION, an MLflow run id, a checkpoint "
+            "folder, a folder of checkpoints or an exported folder."
+        ),
+    ],
+    prompt: Annotated[
+        str,
+        typer.Argument(
+            help="Text a decoder continues, an encoder-decoder maps to its target, or an "
+            "encoder fills at each <|mask|>."
+        ),
+    ],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 32,
+    temperature: Annotated[
+        float, typer.Option("--temperature", min=0.0, help="0: greedy (the default).")
+    ] = 0.0,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", min=1, help="Sample from the k likeliest only.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the sampling.")] = None,
+    tracking_uri: TrackingUriOpt = None,
+) -> None:
+    """Generate text from a trained model, printed on stdout as it comes."""
+    import tempfile
+
+    from tokenizers import Tokenizer
+
+    from models.generate import complete
+    from models.pretrained import load_config, load_pretrained
+    from pipeline.evaluate import resolve_model
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    with tempfile.TemporaryDirectory(prefix="attnpipe-generate-") as work:
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # downloads' progress
+                found = resolve_model(model, store(tracking_uri), Path(work), "MODEL")
+        except UserError as exc:
+            fail(str(exc))
+        family = load_config(found.folder)["model"]["family"]
+        net = load_pretrained(found.folder).eval()
+        tok = Tokenizer.from_file(str(found.folder / "tokenizer.json"))
+        complete(net, tok, family, prompt, max_new_tokens, temperature, top_k, seed, show)
+    sys.stdout.write("\n")
+
+
+def store(tracking_uri: str | None) -> str:
+    """The MLflow store a command reads: --tracking-uri, $MLFLOW_TRACKING_URI, or the
+    local store of the default work directory."""
+    import os
+
+    from pipeline.tracking import tracking_uri as default_uri
+
+    return (
+        tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(None, "attnpipe-work")
+    )
 
 
 @app.command()
@@ -384,7 +445,6 @@ def submit(
     resolved = load(spec, overrides)
     notes = jobs.cluster_notes(resolved)
     try:
-        jobs.check_runnable(resolved)
         sid = jobs.submission_id(resolved.job.name, datetime.now(timezone.utc))
         ray = cluster(address)
         jobs.submit_spec(

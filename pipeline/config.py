@@ -42,8 +42,7 @@ class JobNode(_Node):
     )
     kind: JobKind = Field(
         "train",
-        description="preprocess, train, pipeline (both), retrain or compare; "
-        "evaluate: not runnable yet",
+        description="preprocess, train, pipeline (both), evaluate, retrain or compare",
     )
     description: str = Field("", description="Free text about the job; logged with the params")
 
@@ -377,6 +376,35 @@ class RetrainNode(_Node):
     )
 
 
+class EvaluateNode(_Node):
+    """`kind: evaluate`: score trained models on held-out data: loss, perplexity and bits
+    per byte per split, a few generated samples; linked to each model version."""
+
+    models: list[str] = Field(
+        default_factory=list,
+        description="The models scored: models:/name@alias, models:/name/3, an MLflow run id, "
+        "a checkpoint folder, a folder of checkpoints or an exported folder",
+    )
+    data: str | None = Field(
+        None,
+        description="A preprocessed output (folder or s3:// / gs:// URI) tokenized with the "
+        "models' tokenizer; default: this spec's data node, preprocessed with each model's",
+    )
+    splits: list[Literal["train", "val"]] = Field(
+        default_factory=lambda: ["val"], min_length=1, description="The splits scored"
+    )
+    batches: int | None = Field(
+        20, ge=1, description="Batches scored per split, the same for every model; null: all"
+    )
+    batch_size: int = Field(8, ge=1, description="Samples per evaluation batch")
+    samples: int = Field(
+        3, ge=0, le=32, description="Validation prompts each model continues (an MLflow table)"
+    )
+    prompt_tokens: int = Field(16, ge=1, description="Tokens of each sample's prompt")
+    sample_tokens: int = Field(32, ge=1, description="Tokens each sample generates (greedy)")
+    seed: int = Field(0, description="Seed of the masked-LM corruption (encoder models)")
+
+
 class ProbeNode(_Node):
     """`kind: compare`: the long-range retrieval probe (pipeline/probe.py). A key opens each
     sequence; the model must repeat it after a marker `distances` tokens later. A probe-size
@@ -594,6 +622,10 @@ class JobSpec(_Node):
     compare: CompareNode = Field(
         default_factory=CompareNode, description="Variants to train and compare (kind: compare)"
     )
+    evaluate: EvaluateNode = Field(
+        default_factory=EvaluateNode,
+        description="Models to score on held-out data (kind: evaluate)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
@@ -636,6 +668,8 @@ class JobSpec(_Node):
                 f"{vocab} exceeds model.vocab_size={m.vocab_size}",
             )
         _check_attention(self.attention, m, self.data.seq_len)
+        if self.job.kind == "evaluate" and not self.evaluate.models:
+            raise FieldError("evaluate.models", "an evaluate job needs at least one model")
         if self.job.kind == "compare":
             if len(self.compare.variants) < 2:
                 raise FieldError("compare.variants", "a compare job needs at least two variants")

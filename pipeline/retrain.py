@@ -22,16 +22,9 @@ from pipeline.tracking.registry import Decision
 def champion_model_dir(name: str, uri: str, dest: Path) -> Path:
     """The champion's exported folder (model.safetensors, config.json, tokenizer.json),
     downloaded from the registry."""
-    import mlflow
+    from pipeline.evaluate import resolve_model
 
-    mlflow.set_tracking_uri(uri)
-    local = Path(
-        mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=str(dest))
-    )
-    configs = sorted(local.rglob("config.json"))
-    if not configs:
-        raise UserError(f"tracking.register_name: {name}@champion holds no attnpipe model")
-    return configs[0].parent
+    return resolve_model(f"models:/{name}@champion", uri, dest, "tracking.register_name").folder
 
 
 def run_retrain(spec: JobSpec, show: Any, uri: str) -> dict[str, Any]:
@@ -72,9 +65,10 @@ def run_retrain(spec: JobSpec, show: Any, uri: str) -> dict[str, Any]:
             client, name, uri, result["model"], data_dir(spec), work, r, spec.training.seed,
             champion_dir,
         )  # fmt: skip
-        mlflow.log_metric("challenger/val_loss", score["loss"], step=0)
-        if champion_score:
-            mlflow.log_metric("champion/val_loss", champion_score["loss"], step=0)
+        for who, scored in (("challenger", score), ("champion", champion_score)):
+            for metric in ("loss", "bits_per_byte"):
+                if scored and scored.get(metric) is not None:
+                    mlflow.log_metric(f"{who}/val_{metric}", scored[metric], step=0)
         mlflow.set_tags(
             {
                 "attnpipe.decision": "promoted" if decision.promoted else "not promoted",

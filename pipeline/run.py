@@ -6,12 +6,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import JobSpec
-from pipeline.errors import UserError
+from pipeline.config import DataNode, JobSpec
 from pipeline.tracking import log_preprocess, tracking_uri, use_experiment
 from pipeline.train.ops import CPU_WORKER_ENV
-
-RUNNABLE = ("preprocess", "train", "pipeline", "retrain", "compare")
 
 
 def progress_printer() -> Any:
@@ -145,17 +142,22 @@ def run_preprocess(
     parallelism: int | None = None,
     nested: bool = False,
     log_cached: bool = True,
+    data: DataNode | None = None,
+    out: Path | str | None = None,
+    paired: bool | None = None,
 ) -> dict[str, Any]:
     """Preprocess the job's data (a cache hit when its fingerprint matches the output) and
-    log the run to MLflow; `log_cached=False` logs nothing for a cache hit."""
+    log the run to MLflow; `log_cached=False` logs nothing for a cache hit. `data`, `out`
+    and `paired` replace the spec's data node, its output folder and its model's need."""
     from pipeline.data.preprocess import preprocess
 
-    out = data_dir(spec)
+    data = data or spec.data
+    out = out or data_dir(spec)
     manifest = preprocess(
-        spec.data,
+        data,
         out,
-        vocab_size=spec.data.tokenizer.vocab_size or spec.model.vocab_size,
-        paired=spec.model.family == "encoder_decoder",
+        vocab_size=data.tokenizer.vocab_size or spec.model.vocab_size,
+        paired=spec.model.family == "encoder_decoder" if paired is None else paired,
         parallelism=parallelism,
         progress=show,
     )
@@ -165,7 +167,7 @@ def run_preprocess(
     run_id = log_preprocess(
         manifest,
         out,
-        spec.data.model_dump(mode="json"),
+        data.model_dump(mode="json"),
         spec.job.name,
         uri,
         spec.tracking.experiment,
@@ -182,12 +184,7 @@ def run_job(
     """Run a job here: `preprocess` writes shards; `train` trains on them (preprocessing
     first when they are missing: a cache hit when they exist); `pipeline` does both under
     one parent MLflow run with a nested run per stage."""
-    if spec.job.kind not in RUNNABLE:
-        raise UserError(
-            f"job.kind: {spec.job.kind!r} jobs cannot be run yet; runnable kinds: "
-            + ", ".join(RUNNABLE)
-        )
-    preprocess_only = spec.job.kind == "preprocess"
+    preprocess_only = spec.job.kind in ("preprocess", "evaluate")  # no training workers
     if not preprocess_only:
         from pipeline.train.driver import check_resources, resume_target
 
@@ -208,6 +205,10 @@ def run_job(
         else start_local_ray(log_to_driver=True, cpu_training=spec.resources.gpus_per_worker == 0)
     )
     try:
+        if spec.job.kind == "evaluate":
+            from pipeline.evaluate import run_evaluate
+
+            return run_evaluate(spec, show, tracking_uri(spec.tracking.uri, spec.storage.work_dir))
         if preprocess_only:
             return run_preprocess(spec, show)
         return _train_or_pipeline(spec, show, resume_from, faults)

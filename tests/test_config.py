@@ -99,6 +99,7 @@ def test_every_component_gets_only_its_own_node():
         "schedule",
         "retrain",
         "compare",
+        "evaluate",
     }
 
 

@@ -360,7 +360,7 @@ def test_bad_specs_fail_before_the_cluster_is_contacted(tmp_path):
     )  # fmt: skip
     one_error_line(cron, "schedule.cron: invalid cron expression '61 * * * *'")
     kind = attnpipe("submit", "jobs/decoder-tiny.yaml", "job.kind=evaluate", env=env)
-    one_error_line(kind, "job.kind: 'evaluate' jobs cannot be run yet")
+    one_error_line(kind, "evaluate.models: an evaluate job needs at least one model")
 
 
 # --------------------------------------------------------------------------- schedules

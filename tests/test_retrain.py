@@ -4,14 +4,27 @@ one is not."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.request
 from pathlib import Path
 
 import pytest
 from corpus import write_corpus
+from mlflow_server import free_port, wait_for
 from test_train import tiny_spec
 
+from pipeline.data.shards import read_manifest
+from pipeline.errors import UserError
+from pipeline.evaluate import logged_model_id
 from pipeline.tracking import tracking_uri
+
+ATTNPIPE = str(Path(sys.executable).parent / "attnpipe")
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +84,126 @@ def test_champion_challenger_rounds(ray_cluster, tmp_path):
     assert tags["attnpipe.decision"] == "not promoted"
     assert tags["attnpipe.compared_with_version"] == r3["promotion"]["version"]
     assert "attnpipe.compared_with.val_loss" in tags and "attnpipe.eval.val_loss" in tags
+
+    # kind: evaluate on both versions. Each trained its own tokenizer on its own corpus, so
+    # each scores the data node preprocessed with its own; bits per byte compares them.
+    evaluated = evaluate(work, again, "evaluate.batches=null", "evaluate.samples=2")
+    rows = {row["model"]: row for row in evaluated["results"]}
+    assert sorted(rows) == ["challenger", "champion"]
+    assert rows["champion"]["version"] == r3["promotion"]["version"]
+    for row in rows.values():
+        version = client.get_model_version("nightly", row["version"])
+        data = work / "data" / "nightly-eval" / f"tokenizer-{tokenizer_digest(version)[:16]}"
+        manifest = read_manifest(data)
+        split = manifest["splits"]["val"]
+        assert row["samples"] == split["samples"]  # the whole split: the exact counts
+        ln2 = 0.6931471805599453
+        want = row["loss"] / ln2 * split["predicted_tokens"] / split["bytes"]
+        assert row["bits_per_byte"] == pytest.approx(want, rel=1e-12)
+        fp = manifest["fingerprint"][:12]
+        assert float(version.tags[f"attnpipe.eval.{fp}.val.bits_per_byte"]) == pytest.approx(
+            row["bits_per_byte"], rel=1e-5
+        )
+        linked = {m.key: m for m in client.get_logged_model(logged_model_id(version)).metrics}
+        assert linked["val/bits_per_byte"].value == pytest.approx(row["bits_per_byte"])
+        assert linked["val/bits_per_byte"].dataset_digest == manifest["fingerprint"][:36]
+    # the challenger barely trained: its loss per byte is the worse one
+    assert rows["champion"]["bits_per_byte"] < rows["challenger"]["bits_per_byte"]
+    assert [s["model"] for s in evaluated["samples"]] == ["champion"] * 2 + ["challenger"] * 2
+    assert all(s["prompt"] and s["continuation"] for s in evaluated["samples"])
+    # the retrain challenge scored the champion with the same function, on its own data
+    first = client.get_run(r3["parent_run_id"]).data.metrics
+    assert first["challenger/val_bits_per_byte"] > 0
+
+    # `attnpipe generate` streams what a real `mlflow models serve` of the version answers
+    uri = tracking_uri(None, work)
+    prompt = evaluated["samples"][0]["prompt"]
+    cli = subprocess.run(
+        [ATTNPIPE, "generate", "models:/nightly@champion", prompt, "--max-new-tokens", "8",
+         "--tracking-uri", uri],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert cli.returncode == 0 and cli.stdout.endswith("\n"), cli.stderr[-2000:]
+    with served("models:/nightly@champion", uri) as url:
+        body = json.dumps({"inputs": [prompt], "params": {"max_new_tokens": 8}}).encode()
+        request = urllib.request.Request(
+            f"{url}/invocations", body, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            predictions = json.loads(answer.read())["predictions"]
+    assert predictions == [cli.stdout[:-1]] and predictions[0]
+
+    # data tokenized by another tokenizer than the model's is one line, not a score
+    first_version = client.get_model_version("nightly", "1")  # trained on another corpus
+    assert tokenizer_digest(first_version) != tokenizer_digest(challenger)
+    other = work / "data" / "nightly-eval" / f"tokenizer-{tokenizer_digest(challenger)[:16]}"
+    with pytest.raises(UserError, match=r"evaluate.data: .* was tokenized with tokenizer"):
+        evaluate(work, again, f"evaluate.data={other}", "evaluate.models=[models:/nightly/1]")
+
+
+@contextlib.contextmanager
+def served(model_uri: str, uri: str):
+    """`mlflow models serve` of a registered model on a free loopback port, in this
+    environment; stopped by its process group."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model_uri,
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+            # as from a shell with the environment activated: MLflow runs `uvicorn` by name
+            env={**os.environ, "MLFLOW_TRACKING_URI": uri,
+                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise AssertionError(log.read().decode(errors="replace")[-3000:])
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        try:
+            wait_for(up, "mlflow models serve", timeout=180)
+            yield url
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+def tokenizer_digest(version) -> str:
+    from mlflow.artifacts import download_artifacts
+
+    from pipeline.data.tokenizer import load_tokenizer, tokenizer_hash
+
+    folder = Path(download_artifacts(f"models:/{version.name}/{version.version}"))
+    return tokenizer_hash(load_tokenizer(next(folder.rglob("tokenizer.json"))))
+
+
+def evaluate(work: Path, corpus: str, *overrides: str) -> dict:
+    from pipeline.run import run_job
+
+    spec = tiny_spec(
+        work,
+        "job.kind=evaluate",
+        "job.name=nightly-eval",
+        "data.sources.0.kind=files",
+        f"data.sources.0.path={corpus}",
+        "data.min_chars=5",
+        "data.val_fraction=0.2",
+        "evaluate.models=[models:/nightly@champion, models:/nightly@challenger]",
+        *overrides,
+    )
+    return run_job(spec)
 
 
 def test_compare_job_trains_variants_and_crowns_the_best(ray_cluster, tmp_path):

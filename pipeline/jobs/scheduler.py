@@ -182,14 +182,13 @@ def add_schedule(
     replace: bool = False,
 ) -> Schedule:
     """Store a schedule for the spec's `schedule` node; the scheduler picks it up."""
-    from pipeline.jobs.submit import check_runnable, cluster_address
+    from pipeline.jobs.submit import cluster_address
 
     if spec.schedule.cron is None:
         raise UserError(
             f"{source}: schedule.cron: not set; a schedule needs a cron expression, "
             "e.g. schedule.cron='0 3 * * *'"
         )
-    check_runnable(spec)
     name = name or spec.job.name
     if not all(c.isalnum() or c in "._-" for c in name) or not name[:1].isalnum():
         raise UserError(f"--name {name!r}: letters, digits, '.', '_' and '-' only")

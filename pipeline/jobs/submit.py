@@ -260,16 +260,6 @@ class Cluster:
 # --------------------------------------------------------------------------- submission
 
 
-def check_runnable(spec: JobSpec) -> None:
-    from pipeline.run import RUNNABLE
-
-    if spec.job.kind not in RUNNABLE:
-        raise UserError(
-            f"job.kind: {spec.job.kind!r} jobs cannot be run yet; runnable kinds: "
-            + ", ".join(RUNNABLE)
-        )
-
-
 def check_resources(
     spec: JobSpec, total: dict[str, float], entrypoint_cpus: float, where: str
 ) -> None:
@@ -346,7 +336,6 @@ def submit_spec(
 ) -> str:
     """Submit `spec` under submission id `sid`; AlreadySubmitted where that id exists.
     What the user should know about how it will run is appended to `notes`."""
-    check_runnable(spec)
     total = cluster.total_resources()
     if total is not None:
         check_resources(spec, total, entrypoint_cpus, cluster.address)

@@ -223,10 +223,10 @@ def log_preprocess(
         return run.info.run_id
 
 
-def log_dataset(data_dir: Path | str, fingerprint: str, name: str, context: str) -> None:
-    """A preprocessed output as an MLflow dataset input of the active run. Its digest is the
-    output's fingerprint, so the preprocessing run and the training runs that read the same
-    shards name the same dataset."""
+def log_dataset(data_dir: Path | str, fingerprint: str, name: str, context: str) -> Any:
+    """A preprocessed output as an MLflow dataset input of the active run, returned (metrics
+    computed on it name it). Its digest is the output's fingerprint, so the preprocessing
+    run and the training and evaluation runs that read the same shards name one dataset."""
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
@@ -239,6 +239,7 @@ def log_dataset(data_dir: Path | str, fingerprint: str, name: str, context: str)
         source = resolve_dataset_source(location)
     dataset = MetaDataset(source=source, name=name, digest=fingerprint[:36])
     mlflow.log_input(dataset, context=context)
+    return dataset
 
 
 def log_model(export_dir: Path, register_name: str | None, tags: dict[str, str]) -> dict[str, Any]:

@@ -84,7 +84,11 @@ def _rank_of(path: Path) -> int:
 
 
 def export(
-    target: str, out: str | Path, tracking_uri: str | None = None, fmt: str = "attnpipe"
+    target: str,
+    out: str | Path,
+    tracking_uri: str | None = None,
+    fmt: str = "attnpipe",
+    option: str = "export",
 ) -> dict[str, Any]:
     """Write the model of `target` (a checkpoint, a folder of checkpoints or an MLflow run
     id) into `out`, as attnpipe's folder or (fmt "hf") a transformers one: built in a
@@ -93,7 +97,7 @@ def export(
     from models.hf import NoEquivalent, hf_style, save_hf
     from models.pretrained import save_pretrained
 
-    folder = resolve_resume(target, tracking_uri, option="export")
+    folder = resolve_resume(target, tracking_uri, option=option)
     meta = read_meta(folder)
     spec = validate_spec(meta["spec"], f"{folder}/meta.json")
     model = spec.model.architecture()
