@@ -15,11 +15,10 @@ from models import (
     EncoderDecoderLM,
     EncoderMLM,
     build_model,
-    generate,
-    generate_seq2seq,
     preset_config,
 )
 from models.attention import BatchGeometry, Dense, make_backend
+from models.generate import generate, generate_seq2seq
 from models.layers import Attention, AttentionBatch
 from models.positional import alibi_slopes, apply_rope, rope_cos_sin, sinusoidal_table
 

@@ -482,7 +482,7 @@ def test_sparse_model_matches_reference_backend_model():
 
 
 def test_kv_cache_generation_works_with_sparse_patterns():
-    from models import generate
+    from models.generate import generate
 
     cfg = preset_config("tiny", positional="rope")
     attention = AttentionConfig(
