@@ -52,6 +52,7 @@ def run_compare(spec: JobSpec, show: Any, uri: str) -> dict[str, Any]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from pipeline.evaluate import bits_per_byte
     from pipeline.retrain import challenge
     from pipeline.run import data_dir, run_preprocess
     from pipeline.tracking import use_experiment
@@ -62,7 +63,7 @@ def run_compare(spec: JobSpec, show: Any, uri: str) -> dict[str, Any]:
     client = MlflowClient(uri)
     use_experiment(uri, spec.tracking.experiment, spec.storage.work_dir)
     with mlflow.start_run(run_name=spec.job.name, tags={"attnpipe.stage": "compare"}) as parent:
-        run_preprocess(spec, show, nested=True)
+        prep = run_preprocess(spec, show, nested=True)
         rows, models = [], {}
         for label, vspec in variants.items():
             attention = vspec.attention
@@ -70,13 +71,18 @@ def run_compare(spec: JobSpec, show: Any, uri: str) -> dict[str, Any]:
             result = run_train(vspec, data_dir(spec), uri, progress=show, nested=True)
             per_token = attention_flops_per_token(vspec)
             tokens = vspec.training.steps * vspec.training.global_batch_size * spec.data.seq_len
+            val_loss = result["metrics"].get("val/loss")
             rows.append(
                 {
                     "variant": label,
                     "pattern": vspec.attention.pattern,
                     "backend": vspec.attention.backend,
-                    "val_loss": result["metrics"].get("val/loss"),
+                    "val_loss": val_loss,
                     "val_perplexity": result["metrics"].get("val/perplexity"),
+                    # the same loss per UTF-8 byte of the split (pipeline/evaluate.py)
+                    "val_bits_per_byte": bits_per_byte(val_loss, prep["splits"]["val"])
+                    if val_loss is not None and spec.model.family == "decoder"
+                    else None,
                     "attention_gflops_per_token": per_token / 1e9,
                     "attention_pflops_spent": per_token * tokens / 1e15,
                     "train_seconds": result["seconds"],
@@ -100,6 +106,8 @@ def run_compare(spec: JobSpec, show: Any, uri: str) -> dict[str, Any]:
         mlflow.log_figure(_plot(rows, probes), "comparison.png")
         for row in rows:
             mlflow.log_metric(f"{row['variant']}/val_perplexity", row["val_perplexity"], step=0)
+            if row["val_bits_per_byte"] is not None:
+                mlflow.log_metric(f"{row['variant']}/val_bits_per_byte", row["val_bits_per_byte"])
         if probes:
             mlflow.log_table(_probe_columns(probes), artifact_file="probe.json")
             for probe in probes:
@@ -209,7 +217,7 @@ def show_table(rows: list[dict[str, Any]], show: Any) -> None:
 
     table = Table(title="variants, best first")
     probed = any("probe_accuracy" in row for row in rows)
-    columns = ["variant", "attention", "val ppl", "attn GFLOP/token"]
+    columns = ["variant", "attention", "val ppl", "val bpb", "attn GFLOP/token"]
     columns += ["probe acc (far)"] if probed else []
     for column in (*columns, "seconds", "registry"):
         table.add_column(column)
@@ -218,6 +226,7 @@ def show_table(rows: list[dict[str, Any]], show: Any) -> None:
             row["variant"],
             f"{row['pattern']} / {row['backend']}",
             f"{row['val_perplexity']:.2f}",
+            "-" if row.get("val_bits_per_byte") is None else f"{row['val_bits_per_byte']:.3f}",
             f"{row['attention_gflops_per_token']:.4f}",
         ]
         if probed:

@@ -243,6 +243,10 @@ def test_compare_job_trains_variants_and_crowns_the_best(ray_cluster, tmp_path):
     assert [r["decision"] for r in rows] == ["champion", "challenger"]
     flops = {r["variant"]: r["attention_gflops_per_token"] for r in rows}
     assert flops["window"] < flops["dense"]  # the window computes fewer attention tiles
+    val = read_manifest(tmp_path / "work" / "data" / "cmp")["splits"]["val"]
+    for r in rows:  # the table's loss per UTF-8 byte of the split
+        want = r["val_loss"] / 0.6931471805599453 * val["predicted_tokens"] / val["bytes"]
+        assert r["val_bits_per_byte"] == pytest.approx(want, rel=1e-12)
     client = MlflowClient(tracking_uri(None, tmp_path / "work"))
     best = client.get_model_version_by_alias("cmp", "champion")
     assert str(best.version) == rows[0]["model_version"]
