@@ -247,7 +247,7 @@ def _console() -> Any:
 
     from rich.console import Console
 
-    return Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+    return Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def show_probe_table(probes: list[dict[str, Any]], show: Any) -> None:
