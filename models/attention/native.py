@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from models import build_env
 
 NAME = "attnpipe_blocksparse"
 SOURCE = Path(__file__).parent / "csrc" / "blocksparse.cpp"
@@ -32,9 +33,9 @@ _built: dict[str, ModuleType | None] = {}
 
 
 def extensions_dir() -> Path:
-    """torch's extension cache of this environment: the one `pipeline` sets for DeepSpeed's
-    ops, so that both builds live (and are built ahead) in one place."""
-    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path(sys.prefix, "torch_extensions"))
+    """torch's extension cache of this environment: the one DeepSpeed's ops build into, so
+    that both builds live (and are built ahead) in one place."""
+    return Path(build_env.extensions_dir())
 
 
 def kernel(device: torch.device | str | None = None) -> ModuleType | None:
@@ -52,6 +53,7 @@ def _build() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
+        build_env.use_environment_build_tools()  # as `make setup` built it, also without pipeline
         build = extensions_dir() / NAME
         build.mkdir(parents=True, exist_ok=True)
         return load(
