@@ -70,6 +70,23 @@ def test_bad_input_exits_2_with_one_line_and_no_traceback(args, fragment):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["/nonexistent", "hi"], "MODEL /nonexistent: no such checkpoint, folder or MLflow run"),
+        (["models:/x", "hi"], "MODEL: 'models:/x' is not models:/NAME@ALIAS or models:/NAME/"),
+        (["models:/absent@champion", "hi"], "MODEL: models:/absent@champion: not in the registry"),
+    ],
+)
+def test_generate_names_a_model_it_cannot_find_in_one_line(args, fragment, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = attnpipe("generate", *args, "--tracking-uri", uri)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("attnpipe: error: ")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert fragment in lines[0] and "Traceback" not in result.stderr
+
+
 def test_models_lists_presets_with_exact_parameter_counts():
     result = attnpipe("models")
     assert result.returncode == 0, result.stderr
