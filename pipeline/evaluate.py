@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -246,8 +246,12 @@ def run_evaluate(spec: Any, show: Any, uri: str) -> dict[str, Any]:
     work = Path(spec.storage.work_dir) / "evaluate" / spec.job.name
     rows, samples, prepared = [], [], {}
     with mlflow.start_run(run_name=spec.job.name, tags={"attnpipe.stage": "evaluate"}) as parent:
+        labels: list[str] = []
         for ref in e.models:
             model = resolve_model(ref, uri, work)
+            if model.label in labels:  # two names@champion: the rows and runs stay apart
+                model = replace(model, label=f"{model.label}-{len(labels) + 1}")
+            labels.append(model.label)
             data = e.data or _preprocessed_for(spec, model, show, work, prepared)
             manifest = read_manifest(local_copy(data))
             check_tokenizer(model, manifest, data)

@@ -36,22 +36,31 @@ def ray_cluster():
     stop_local_ray()
 
 
-def retrain(work: Path, corpus: str, *overrides: str) -> dict:
+def on_corpus(work: Path, corpus: str, kind: str, name: str, *overrides: str) -> dict:
+    """A `kind` job named `name` on the text files of `corpus`, run here."""
     from pipeline.run import run_job
 
     spec = tiny_spec(
         work,
-        "job.kind=retrain",
-        "job.name=nightly",
+        f"job.kind={kind}",
+        f"job.name={name}",
         "data.sources.0.kind=files",
         f"data.sources.0.path={corpus}",
         "data.min_chars=5",
-        "tracking.heatmap_tokens=0",
-        "retrain.margin=0.01",
         "data.val_fraction=0.2",
+        "tracking.heatmap_tokens=0",
         *overrides,
     )
     return run_job(spec)
+
+
+def retrain(work: Path, corpus: str, *overrides: str) -> dict:
+    return on_corpus(work, corpus, "retrain", "nightly", "retrain.margin=0.01", *overrides)
+
+
+def evaluate(work: Path, corpus: str, *overrides: str) -> dict:
+    models = "evaluate.models=[models:/nightly@champion, models:/nightly@challenger]"
+    return on_corpus(work, corpus, "evaluate", "nightly-eval", models, *overrides)
 
 
 def test_champion_challenger_rounds(ray_cluster, tmp_path):
@@ -187,23 +196,6 @@ def tokenizer_digest(version) -> str:
 
     folder = Path(download_artifacts(f"models:/{version.name}/{version.version}"))
     return tokenizer_hash(load_tokenizer(next(folder.rglob("tokenizer.json"))))
-
-
-def evaluate(work: Path, corpus: str, *overrides: str) -> dict:
-    from pipeline.run import run_job
-
-    spec = tiny_spec(
-        work,
-        "job.kind=evaluate",
-        "job.name=nightly-eval",
-        "data.sources.0.kind=files",
-        f"data.sources.0.path={corpus}",
-        "data.min_chars=5",
-        "data.val_fraction=0.2",
-        "evaluate.models=[models:/nightly@champion, models:/nightly@challenger]",
-        *overrides,
-    )
-    return run_job(spec)
 
 
 def test_compare_job_trains_variants_and_crowns_the_best(ray_cluster, tmp_path):
