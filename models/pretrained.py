@@ -54,3 +54,13 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> n
     model = build_model(ModelConfig(**config["model"]), AttentionConfig(**config["attention"]))
     model.load_state_dict(load_file(str(Path(folder) / WEIGHTS), device=str(device)))
     return model.to(device).eval()
+
+
+def load_for_text(folder: str | Path) -> tuple[nn.Module, Any, str]:
+    """(model, tokenizer, family) of an exported folder: what `models.generate.complete`
+    takes (the MLflow model, `attnpipe generate` and the evaluate job's samples)."""
+    from tokenizers import Tokenizer
+
+    family = load_config(folder)["model"]["family"]
+    tokenizer = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    return load_pretrained(folder), tokenizer, family

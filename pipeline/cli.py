@@ -256,10 +256,8 @@ def generate(
     """Generate text from a trained model, printed on stdout as it comes."""
     import tempfile
 
-    from tokenizers import Tokenizer
-
     from models.generate import complete
-    from models.pretrained import load_config, load_pretrained
+    from models.pretrained import load_for_text
     from pipeline.evaluate import resolve_model
 
     def show(text: str) -> None:
@@ -272,9 +270,7 @@ def generate(
                 found = resolve_model(model, store(tracking_uri), Path(work), "MODEL")
         except UserError as exc:
             fail(str(exc))
-        family = load_config(found.folder)["model"]["family"]
-        net = load_pretrained(found.folder).eval()
-        tok = Tokenizer.from_file(str(found.folder / "tokenizer.json"))
+        net, tok, family = load_for_text(found.folder)
         complete(net, tok, family, prompt, max_new_tokens, temperature, top_k, seed, show)
     sys.stdout.write("\n")
 

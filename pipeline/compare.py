@@ -80,9 +80,9 @@ def run_compare(spec: JobSpec, show: Any, uri: str) -> dict[str, Any]:
                     "val_loss": val_loss,
                     "val_perplexity": result["metrics"].get("val/perplexity"),
                     # the same loss per UTF-8 byte of the split (pipeline/evaluate.py)
-                    "val_bits_per_byte": bits_per_byte(val_loss, prep["splits"]["val"])
-                    if val_loss is not None and spec.model.family == "decoder"
-                    else None,
+                    "val_bits_per_byte": bits_per_byte(
+                        val_loss, prep["splits"]["val"], spec.model.family
+                    ),
                     "attention_gflops_per_token": per_token / 1e9,
                     "attention_pflops_spent": per_token * tokens / 1e15,
                     "train_seconds": result["seconds"],

@@ -38,11 +38,12 @@ from pipeline.errors import UserError
 from pipeline.train.objectives import Objective
 
 
-def bits_per_byte(loss: float, split: dict[str, Any]) -> float | None:
-    """`loss` (nats per predicted token) in bits per UTF-8 byte of the split's text, or None
-    for an output written before preprocessing counted bytes."""
+def bits_per_byte(loss: float | None, split: dict[str, Any], family: str) -> float | None:
+    """`loss` (nats per predicted token) of a model of `family` in bits per UTF-8 byte of
+    the split's text; None for no loss, a family other than the decoder (see above), or an
+    output written before preprocessing counted bytes."""
     tokens, size = split.get("predicted_tokens"), split.get("bytes")
-    if not tokens or not size:
+    if loss is None or family != "decoder" or not tokens or not size:
         return None
     return loss / math.log(2) * tokens / size
 
@@ -84,9 +85,7 @@ def evaluate_model(
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
-        "bits_per_byte": bits_per_byte(loss, manifest["splits"][split])
-        if family == "decoder"
-        else None,
+        "bits_per_byte": bits_per_byte(loss, manifest["splits"][split], family),
         "tokens": count,
         "samples": seen,
     }
@@ -201,15 +200,12 @@ def generated_samples(
 ) -> list[dict[str, str]]:
     """A decoder's greedy continuation of the first `prompt_tokens` tokens of each of the
     first `count` validation samples (within the sample's first document)."""
-    from tokenizers import Tokenizer
-
     from models.generate import complete
-    from models.pretrained import load_config, load_pretrained
+    from models.pretrained import load_config, load_for_text
 
-    family = load_config(folder)["model"]["family"]
-    if count == 0 or family != "decoder":
+    if count == 0 or load_config(folder)["model"]["family"] != "decoder":
         return []
-    model, tok = load_pretrained(folder).eval(), Tokenizer.from_file(str(folder / "tokenizer.json"))
+    model, tok, family = load_for_text(folder)
     reader = ShardReader(local_copy(data_dir), "val", seed=0, shuffle=False)
     batch = reader.next_batch(min(count, len(reader)))
     rows = []

@@ -185,12 +185,12 @@ def run_job(
     first when they are missing: a cache hit when they exist); `pipeline` does both under
     one parent MLflow run with a nested run per stage."""
     preprocess_only = spec.job.kind in ("preprocess", "evaluate")  # no training workers
+    uri = tracking_uri(spec.tracking.uri, spec.storage.work_dir)
     if not preprocess_only:
         from pipeline.train.driver import check_resources, resume_target
 
         # a wrong target, or GPUs this machine lacks for the Ray it would start, is one line
         # in seconds, not after a local Ray has started; run_train gets the folder found
-        uri = tracking_uri(spec.tracking.uri, spec.storage.work_dir)
         resume = resume_target(spec, resume_from, uri)
         resume_from = str(resume) if resume is not None else None
         if spec.resources.gpus_per_worker and not joins_a_cluster():
@@ -208,21 +208,20 @@ def run_job(
         if spec.job.kind == "evaluate":
             from pipeline.evaluate import run_evaluate
 
-            return run_evaluate(spec, show, tracking_uri(spec.tracking.uri, spec.storage.work_dir))
+            return run_evaluate(spec, show, uri)
         if preprocess_only:
             return run_preprocess(spec, show)
-        return _train_or_pipeline(spec, show, resume_from, faults)
+        return _train_or_pipeline(spec, show, uri, resume_from, faults)
     finally:
         if started:  # also stops the thread that forwards the workers' output
             stop_local_ray()
 
 
 def _train_or_pipeline(
-    spec: JobSpec, show: Any, resume_from: str | None, faults: dict[str, Any] | None
+    spec: JobSpec, show: Any, uri: str, resume_from: str | None, faults: dict[str, Any] | None
 ) -> dict[str, Any]:
     from pipeline.train.driver import check_cluster, run_train
 
-    uri = tracking_uri(spec.tracking.uri, spec.storage.work_dir)
     check_cluster(spec)  # before any preprocessing; run_job has checked the resume target
     if spec.job.kind == "compare":
         from pipeline.compare import run_compare

@@ -17,16 +17,9 @@ from mlflow.pyfunc import PythonModel
 
 class AttnpipeModel(PythonModel):
     def load_context(self, context: Any) -> None:
-        from pathlib import Path
+        from models.pretrained import load_for_text
 
-        from tokenizers import Tokenizer
-
-        from models.pretrained import load_config, load_pretrained
-
-        folder = Path(context.artifacts["model"])
-        self.model = load_pretrained(folder)
-        self.family = load_config(folder)["model"]["family"]
-        self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.model, self.tok, self.family = load_for_text(context.artifacts["model"])
 
     def predict(self, context, model_input, params=None):  # no hints: the signature rules
         from models.generate import complete
