@@ -46,7 +46,8 @@ test: setup browser
 # Ray cluster, MLflow server or multi-rank run. `make test` still runs everything.
 FAST_TESTS := tests/test_attention_seam.py tests/test_config.py tests/test_flex_mask.py \
   tests/test_flops.py tests/test_mask_mod_compile.py tests/test_models.py tests/test_probe.py \
-  tests/test_sizing.py tests/test_sparse_attention.py tests/test_plan.py tests/test_cli.py
+  tests/test_sizing.py tests/test_sparse_attention.py tests/test_plan.py tests/test_cli.py \
+  tests/test_kinds.py
 
 test-fast: setup
 	$(VENV)/bin/ruff check .

@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.run import free_port
+from pipeline.runtime import free_port
 from pipeline.train.ops import CPU_WORKER_ENV, init_loopback_group
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -50,7 +50,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline.data.shards import PAD_DOC, write_random_documents
-from pipeline.run import free_port
+from pipeline.runtime import free_port
 from pipeline.tracking.server import MlflowServer
 from pipeline.train.objectives import documents_or_none, padding_or_none
 from pipeline.train.ops import CPU_WORKER_ENV, init_loopback_group

@@ -16,10 +16,11 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from pipeline.config import JobSpec, load_spec, resolved_yaml, spec_warnings
+from pipeline.config import JobSpec, resolved_yaml, spec_warnings
 from pipeline.errors import UserError
 from pipeline.jobs.scheduler import default_state_dir
 from pipeline.jobs.submit import Cluster
+from pipeline.kinds import load_job
 
 app = typer.Typer(
     name="attnpipe",
@@ -52,7 +53,7 @@ def choose(option: str, value: str, *allowed: str) -> str:
 def load(spec: Path, overrides: list[str] | None) -> JobSpec:
     """The validated spec; its warnings go to stderr, one line each."""
     try:
-        resolved = load_spec(spec, overrides or [])
+        resolved = load_job(spec, overrides or [])
     except UserError as exc:
         fail(str(exc))
     for line in spec_warnings(resolved):
@@ -84,7 +85,7 @@ def schema(
     ] = None,
 ) -> None:
     """The job-spec reference generated from the schema: every key, type, default, range."""
-    from pipeline.spec_reference import BEGIN, json_schema, reference_markdown, splice
+    from pipeline.config.reference import BEGIN, json_schema, reference_markdown, splice
 
     choose("--format", output, "markdown", "json")
     text = json_schema() if output == "json" else reference_markdown()
@@ -115,9 +116,11 @@ ResumeOpt = Annotated[
 
 @app.command()
 def run(spec: SpecArg, overrides: OverridesArg = None, resume_from: ResumeOpt = None) -> None:
-    """Run a job on this machine, on an embedded Ray and MLflow (kinds: preprocess, train,
-    pipeline). Prints a JSON summary on stdout; progress goes to stderr."""
+    """Run a job on this machine, on an embedded Ray and MLflow (any kind: preprocess,
+    train, pipeline, evaluate, retrain, compare). Prints a JSON summary on stdout; progress
+    goes to stderr."""
     resolved = load(spec, overrides)
+    from pipeline.kinds import kind_of
     from pipeline.run import run_job
     from pipeline.train.driver import TrainingFailed
 
@@ -130,24 +133,7 @@ def run(spec: SpecArg, overrides: OverridesArg = None, resume_from: ResumeOpt = 
     except TrainingFailed as exc:
         typer.echo(f"attnpipe: {training_failure(exc, resolved.training.max_failures)}", err=True)
         raise typer.Exit(1) from None
-    if resolved.job.kind == "preprocess":
-        counts = result["counts"]
-        summary = {
-            "out_dir": result["out_dir"],
-            "cache_hit": result["cache_hit"],
-            "documents": counts["documents_out"],
-            "tokens": counts["tokens"],
-            "dropped": counts["dropped"],
-            "samples": {k: v["samples"] for k, v in result["splits"].items()},
-            "mlflow_run_id": result["mlflow_run_id"],
-        }
-    elif resolved.job.kind in ("evaluate", "retrain", "compare"):
-        summary = result
-    else:
-        summary = {
-            k: result[k] for k in ("mlflow_run_id", "checkpoint", "run_dir", "metrics", "seconds")
-        }
-        summary["resumed_at"] = [e["step"] for e in result["events"] if e["event"] == "resume"]
+    summary = kind_of(resolved).summary(result)
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
@@ -258,7 +244,7 @@ def generate(
 
     from models.generate import complete
     from models.pretrained import load_for_text
-    from pipeline.evaluate import resolve_model
+    from pipeline.kinds.evaluate import resolve_model
 
     def show(text: str) -> None:
         sys.stdout.write(text)

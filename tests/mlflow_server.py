@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from pipeline.run import free_port
+from pipeline.runtime import free_port
 from pipeline.tracking.server import MlflowServer
 
 __all__ = ["MlflowServer", "free_port", "wait_for"]

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.run import free_port
+from pipeline.runtime import free_port
 
 
 @contextmanager

@@ -101,7 +101,7 @@ def test_the_readme_spec_reference_is_the_one_the_schema_generates(tmp_path):
     import json
 
     from pipeline.config import JobSpec
-    from pipeline.spec_reference import BEGIN, END, readme_block
+    from pipeline.config.reference import BEGIN, END, readme_block
 
     result = attnpipe("schema")
     assert result.returncode == 0, result.stderr

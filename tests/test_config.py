@@ -9,6 +9,7 @@ import yaml
 
 from models.config import AttentionConfig, ModelConfig
 from pipeline.config import JobSpec, SpecError, load_spec, resolved_yaml, validate_spec
+from pipeline.kinds import load_job
 
 JOBS = sorted(Path(__file__).resolve().parent.parent.joinpath("jobs").glob("*.yaml"))
 
@@ -21,7 +22,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def error_of(tmp_path: Path, text: str, *overrides: str) -> str:
     with pytest.raises(SpecError) as info:
-        load_spec(write(tmp_path, text), overrides)
+        load_job(write(tmp_path, text), overrides)  # the schema's checks and the kind's
     message = str(info.value)
     assert "\n" not in message, "an error is one line"
     return message
@@ -29,7 +30,7 @@ def error_of(tmp_path: Path, text: str, *overrides: str) -> str:
 
 @pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
 def test_every_shipped_spec_validates(path):
-    spec = load_spec(path)
+    spec = load_job(path)
     assert spec.job.name and spec.job.kind in (
         "train",
         "pipeline",

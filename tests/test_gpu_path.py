@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 from pipeline.config import load_spec
 from pipeline.data.shards import write_random_documents
-from pipeline.run import free_port
+from pipeline.runtime import free_port
 from pipeline.train.deepspeed_config import deepspeed_config
 
 ROOT = Path(__file__).resolve().parent.parent

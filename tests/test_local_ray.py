@@ -19,7 +19,7 @@ def gone(pid: int) -> bool:
 def test_stop_local_ray_stops_a_worker_that_missed_the_shutdown():
     import ray
 
-    from pipeline.run import start_local_ray, stop_local_ray
+    from pipeline.runtime import start_local_ray, stop_local_ray
 
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     assert start_local_ray(2)

@@ -642,7 +642,7 @@ def tiny_spec(precision: str, stage: int):
 
 @pytest.fixture(scope="module")
 def step_bytes(tmp_path_factory):
-    from pipeline.run import free_port
+    from pipeline.runtime import free_port
 
     out = tmp_path_factory.mktemp("step") / "step.json"
     mp.spawn(_step_bytes, args=(free_port(), str(out)), nprocs=1, join=True)

@@ -114,7 +114,7 @@ def test_the_long_context_job_probes_beyond_every_window_at_a_fraction_of_dense_
     asks for keys beyond what either window alone reaches in the probe's layers, so only
     global tokens (or random blocks) can carry them; dense, the costly probe model at 8K,
     is left out."""
-    from pipeline.compare import attention_flops_per_token, variant_specs
+    from pipeline.kinds.compare import attention_flops_per_token, variant_specs
 
     spec = load_spec(ROOT / "jobs" / "long-context.yaml")
     variants = variant_specs(spec)

@@ -21,7 +21,7 @@ from test_train import tiny_spec
 
 from pipeline.data.shards import read_manifest
 from pipeline.errors import UserError
-from pipeline.evaluate import logged_model_id
+from pipeline.kinds.evaluate import logged_model_id
 from pipeline.tracking import tracking_uri
 
 ATTNPIPE = str(Path(sys.executable).parent / "attnpipe")
@@ -29,7 +29,7 @@ ATTNPIPE = str(Path(sys.executable).parent / "attnpipe")
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    from pipeline.run import start_local_ray, stop_local_ray
+    from pipeline.runtime import start_local_ray, stop_local_ray
 
     start_local_ray(2)
     yield

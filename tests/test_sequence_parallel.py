@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.data.shards import write_random_documents
-from pipeline.run import free_port
+from pipeline.runtime import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 S = 64  # tokens per sequence: 4 blocks of 16, 32 per rank

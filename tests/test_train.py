@@ -218,7 +218,7 @@ def test_an_incomplete_checkpoint_is_never_the_resume_target(tmp_path):
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    from pipeline.run import start_local_ray, stop_local_ray
+    from pipeline.runtime import start_local_ray, stop_local_ray
 
     start_local_ray(2)
     yield

@@ -13,7 +13,7 @@ def two_nodes():
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipeline.run import free_port
+    from pipeline.runtime import free_port
 
     if ray.is_initialized():
         ray.shutdown()

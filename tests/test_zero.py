@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.data.shards import write_random_documents
-from pipeline.run import free_port
+from pipeline.runtime import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 3

@@ -11,7 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from pipeline.run import free_port
+from pipeline.runtime import free_port
 
 
 class MlflowServer:

@@ -14,34 +14,36 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import JobSpec, RetrainNode
+from pipeline.config import RetrainNode
 from pipeline.errors import UserError
+from pipeline.kinds.base import Job, Kind
 from pipeline.tracking.registry import Decision
 
 
 def champion_model_dir(name: str, uri: str, dest: Path) -> Path:
     """The champion's exported folder (model.safetensors, config.json, tokenizer.json),
     downloaded from the registry."""
-    from pipeline.evaluate import resolve_model
+    from pipeline.kinds.evaluate import resolve_model
 
     return resolve_model(f"models:/{name}@champion", uri, dest, "tracking.register_name").folder
 
 
-def run_retrain(spec: JobSpec, show: Any, uri: str) -> dict[str, Any]:
+def run_retrain(job: Job) -> dict[str, Any]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.run import data_dir, run_preprocess
+    from pipeline.kinds.preprocess import data_dir, run_preprocess
     from pipeline.tracking import use_experiment
     from pipeline.tracking.registry import as_dict, champion
     from pipeline.train.driver import run_train
 
+    spec, show, uri = job.spec, job.show, job.uri
     r = spec.retrain
     name = spec.tracking.register_name or spec.job.name
     client = MlflowClient(uri)
     use_experiment(uri, spec.tracking.experiment, spec.storage.work_dir)
     with mlflow.start_run(run_name=spec.job.name, tags={"attnpipe.stage": "retrain"}) as parent:
-        prep = run_preprocess(spec, show, nested=True)
+        prep = run_preprocess(spec, show, uri, nested=True)
         current = champion(client, name) if _registered(client, name) else None
         out: dict[str, Any] = {"parent_run_id": parent.info.run_id, "registered_model": name}
         if (
@@ -97,7 +99,7 @@ def challenge(
 ) -> tuple[Decision, dict[str, Any], dict[str, Any] | None]:
     """Score the registered `model` (run_train's "model" entry) and the current champion
     on the same held-out samples of `data`, then promote by `r.margin` (see registry)."""
-    from pipeline.evaluate import evaluate_model
+    from pipeline.kinds.evaluate import evaluate_model
     from pipeline.tracking.registry import champion, promote
 
     current = champion(client, name) if _registered(client, name) else None
@@ -128,3 +130,6 @@ def _registered(client: Any, name: str) -> bool:
     except MlflowException:
         return False
     return True
+
+
+KIND = Kind("retrain", run_retrain, trains=True)

@@ -10,12 +10,18 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import JobSpec, validate_spec
+from pipeline.config import JobSpec, first_error
+from pipeline.kinds.base import Job, Kind
 
 
 def variant_specs(spec: JobSpec) -> dict[str, JobSpec]:
     """Each variant: the job's resolved spec with the variant's overrides merged in, named
-    `<job>-<variant>`, trained as a `train` job."""
+    `<job>-<variant>`, trained as a `train` job. An invalid variant is a FieldError at the
+    path the variant sets (`compare.variants.<name>.attention.params`)."""
+    from pydantic import ValidationError
+
+    from models.config import FieldError
+
     base = spec.model_dump(mode="json")
     out = {}
     for name, overrides in spec.compare.variants.items():
@@ -23,8 +29,21 @@ def variant_specs(spec: JobSpec) -> dict[str, JobSpec]:
         tree["job"].update(name=f"{spec.job.name}-{name}", kind="train")
         tree["tracking"]["register_name"] = spec.tracking.register_name or spec.job.name
         tree["compare"] = {"variants": {}, "probe": {"enabled": False}}
-        out[name] = validate_spec(tree, f"compare.variants.{name}")
+        try:
+            out[name] = JobSpec.model_validate(tree)
+        except ValidationError as exc:
+            loc, message = first_error(exc)
+            raise FieldError(".".join(["compare", "variants", name, *loc]), message) from None
     return out
+
+
+def check_compare(spec: JobSpec) -> None:
+    """At least two variants, each a valid job."""
+    from models.config import FieldError
+
+    if len(spec.compare.variants) < 2:
+        raise FieldError("compare.variants", "a compare job needs at least two variants")
+    variant_specs(spec)
 
 
 def _merge(tree: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -48,22 +67,23 @@ def attention_flops_per_token(spec: JobSpec) -> float:
     return 12 * layers * m.n_heads * m.head_dim * seq * density
 
 
-def run_compare(spec: JobSpec, show: Any, uri: str) -> dict[str, Any]:
+def run_compare(job: Job) -> dict[str, Any]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.evaluate import bits_per_byte
-    from pipeline.retrain import challenge
-    from pipeline.run import data_dir, run_preprocess
+    from pipeline.kinds.evaluate import bits_per_byte
+    from pipeline.kinds.preprocess import data_dir, run_preprocess
+    from pipeline.kinds.retrain import challenge
     from pipeline.tracking import use_experiment
     from pipeline.train.driver import run_train
 
+    spec, show, uri = job.spec, job.show, job.uri
     variants = variant_specs(spec)
     name = spec.tracking.register_name or spec.job.name
     client = MlflowClient(uri)
     use_experiment(uri, spec.tracking.experiment, spec.storage.work_dir)
     with mlflow.start_run(run_name=spec.job.name, tags={"attnpipe.stage": "compare"}) as parent:
-        prep = run_preprocess(spec, show, nested=True)
+        prep = run_preprocess(spec, show, uri, nested=True)
         rows, models = [], {}
         for label, vspec in variants.items():
             attention = vspec.attention
@@ -79,7 +99,7 @@ def run_compare(spec: JobSpec, show: Any, uri: str) -> dict[str, Any]:
                     "backend": vspec.attention.backend,
                     "val_loss": val_loss,
                     "val_perplexity": result["metrics"].get("val/perplexity"),
-                    # the same loss per UTF-8 byte of the split (pipeline/evaluate.py)
+                    # the same loss per UTF-8 byte of the split (pipeline/kinds/evaluate.py)
                     "val_bits_per_byte": bits_per_byte(
                         val_loss, prep["splits"]["val"], spec.model.family
                     ),
@@ -268,3 +288,6 @@ def show_probe_table(probes: list[dict[str, Any]], show: Any) -> None:
             *(f"{probe['accuracy'][d]:.2f}" for d in distances),
         )
     _console().print(table)
+
+
+KIND = Kind("compare", run_compare, trains=True, check=check_compare)

@@ -3,7 +3,7 @@
 `evaluate_model` scores one exported folder (models/pretrained.py) on a split of a
 preprocessed output: loss, perplexity and, for a decoder, bits per byte. Every model scored
 on the same output sees the same samples, so models compare on equal terms; the retrain
-and compare jobs' challenge (pipeline/retrain.py) calls it too.
+and compare jobs' challenge (pipeline/kinds/retrain.py) calls it too.
 
 Bits per byte: the loss in bits of the tokens a model predicts, spread over the UTF-8 bytes
 of the text they encode, `loss / ln 2 x predicted tokens / bytes`, with the split's own
@@ -29,13 +29,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from pipeline.data.reader import ShardReader
-from pipeline.data.remote import local_copy
-from pipeline.data.shards import read_manifest
 from pipeline.errors import UserError
-from pipeline.train.objectives import Objective
+from pipeline.kinds.base import Job, Kind
 
 
 def bits_per_byte(loss: float | None, split: dict[str, Any], family: str) -> float | None:
@@ -48,7 +43,6 @@ def bits_per_byte(loss: float | None, split: dict[str, Any], family: str) -> flo
     return loss / math.log(2) * tokens / size
 
 
-@torch.no_grad()
 def evaluate_model(
     model_dir: str | Path,
     data_dir: str | Path,
@@ -60,7 +54,13 @@ def evaluate_model(
     """{"loss", "perplexity", "bits_per_byte", "tokens", "samples"} of the model in
     `model_dir` on `split` of `data_dir`: its first `batches` batches (None: all), in order
     (masked-LM corruption seeded, so it repeats exactly)."""
+    import torch
+
     from models.pretrained import load_config, load_pretrained
+    from pipeline.data.reader import ShardReader
+    from pipeline.data.remote import local_copy
+    from pipeline.data.shards import read_manifest
+    from pipeline.train.objectives import Objective
 
     model = load_pretrained(model_dir)
     data_dir = local_copy(data_dir)  # a URI: this node's mirror of it
@@ -79,7 +79,8 @@ def evaluate_model(
     for i in range(batches):
         size = min(batch_size, len(reader) - seen)
         gen = torch.Generator().manual_seed(seed * 7_919 + i)
-        loss, n = objective.loss(model, reader.next_batch(size), gen)
+        with torch.no_grad():
+            loss, n = objective.loss(model, reader.next_batch(size), gen)
         total, count, seen = total + float(loss), count + n, seen + size
     loss = total / max(count, 1)
     return {
@@ -202,6 +203,8 @@ def generated_samples(
     first `count` validation samples (within the sample's first document)."""
     from models.generate import complete
     from models.pretrained import load_config, load_for_text
+    from pipeline.data.reader import ShardReader
+    from pipeline.data.remote import local_copy
 
     if count == 0 or load_config(folder)["model"]["family"] != "decoder":
         return []
@@ -230,12 +233,15 @@ def tag_version(client: Any, model: Resolved, fingerprint: str, scores: dict[str
                 client.set_model_version_tag(model.name, model.version, key, f"{value:.6g}")
 
 
-def run_evaluate(spec: Any, show: Any, uri: str) -> dict[str, Any]:
+def run_evaluate(job: Job) -> dict[str, Any]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from pipeline.data.remote import local_copy
+    from pipeline.data.shards import read_manifest
     from pipeline.tracking import log_dataset, use_experiment
 
+    spec, show, uri = job.spec, job.show, job.uri
     e = spec.evaluate
     client = MlflowClient(uri)
     use_experiment(uri, spec.tracking.experiment, spec.storage.work_dir)
@@ -248,7 +254,7 @@ def run_evaluate(spec: Any, show: Any, uri: str) -> dict[str, Any]:
             if model.label in labels:  # two names@champion: the rows and runs stay apart
                 model = replace(model, label=f"{model.label}-{len(labels) + 1}")
             labels.append(model.label)
-            data = e.data or _preprocessed_for(spec, model, show, work, prepared)
+            data = e.data or _preprocessed_for(job, model, work, prepared)
             manifest = read_manifest(local_copy(data))
             check_tokenizer(model, manifest, data)
             show(f"evaluating {ref} on {data}")
@@ -297,7 +303,7 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
 
 
 def _preprocessed_for(
-    spec: Any, model: Resolved, show: Any, work: Path, prepared: dict[str, str | Path]
+    job: Job, model: Resolved, work: Path, prepared: dict[str, str | Path]
 ) -> str | Path:
     """The spec's data node preprocessed with the model's own tokenizer (a cache hit when
     it was before; once per tokenizer in a job, `prepared`): the tokenizer is copied under a
@@ -306,7 +312,9 @@ def _preprocessed_for(
     from models.pretrained import load_config
     from pipeline.data.remote import join
     from pipeline.data.tokenizer import load_tokenizer, tokenizer_hash
-    from pipeline.run import data_dir, run_preprocess
+    from pipeline.kinds.preprocess import data_dir, run_preprocess
+
+    spec = job.spec
 
     digest = tokenizer_hash(load_tokenizer(model.folder / "tokenizer.json"))[:16]
     if digest in prepared:
@@ -322,6 +330,17 @@ def _preprocessed_for(
         join(base, f"tokenizer-{digest}") if isinstance(base, str) else base / f"tokenizer-{digest}"
     )
     family = load_config(model.folder)["model"]["family"]
-    run_preprocess(spec, show, nested=True, data=data, out=out, paired=family == "encoder_decoder")
+    paired = family == "encoder_decoder"
+    run_preprocess(spec, job.show, job.uri, nested=True, data=data, out=out, paired=paired)
     prepared[digest] = out
     return out
+
+
+def check_evaluate(spec: Any) -> None:
+    from models.config import FieldError
+
+    if not spec.evaluate.models:
+        raise FieldError("evaluate.models", "an evaluate job needs at least one model")
+
+
+KIND = Kind("evaluate", run_evaluate, trains=False, check=check_evaluate)
