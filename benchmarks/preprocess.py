@@ -1,12 +1,18 @@
 """Preprocessing throughput, side by side in one run, on the same corpus and tokenizer:
 
-- attnpipe's Ray Data pipeline (normalize, filter, dedup, tokenize, split, pack, shards)
-  with 2 CPUs and with 1 CPU;
+- attnpipe's pipeline on Ray (normalize, filter, dedup, tokenize, split, pack, shards;
+  pipeline/data/preprocess.py) with 2 CPUs and with 1 CPU;
 - the baseline: Hugging Face datasets `.map(batched=True, num_proc=2)` tokenizing and
   packing the same documents.
 
 The corpus is the demo corpus, repeated with a distinct first line per copy (so that
 deduplication keeps every copy) until it passes --min-mb megabytes.
+
+What the driver carries, from the pipeline's own accounting (`preprocess()["driver"]`):
+every object it puts into Ray and every task argument it passes by value (an Arrow table
+counted by its buffers, anything else by its pickle), every value it gets back, and its
+process's CPU time (user + system), each per MB of corpus: `driver_bytes_out_per_mb`,
+`driver_bytes_in_per_mb`, `driver_busy_s_per_mb` (the 2-CPU runs; min and median).
 
 Protocol: Ray is started once per CPU count, as a cluster is; the first run on it is
 recorded apart as `cold` (its worker processes import the libraries), the next --repeats
@@ -30,6 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.data.preprocess import BLOCK_BYTES
+
+SEQ_LEN = 256
 
 
 def build_corpus(folder: Path, min_mb: float) -> tuple[Path, int]:
@@ -58,7 +68,7 @@ def run_pipeline(corpus: Path, tokenizer: Path, out: Path, cpus: int) -> dict[st
     shutil.rmtree(out, ignore_errors=True)
     node = DataNode(
         sources=[SourceNode(kind="files", path=str(corpus))],
-        seq_len=256,
+        seq_len=SEQ_LEN,
         tokenizer={"path": str(tokenizer)},
         samples_per_shard=4096,
     )
@@ -66,7 +76,27 @@ def run_pipeline(corpus: Path, tokenizer: Path, out: Path, cpus: int) -> dict[st
     manifest = preprocess(node, out, vocab_size=8192, parallelism=cpus, progress=lambda m: None)
     seconds = time.perf_counter() - start
     tokens = manifest["counts"]["tokens"]
-    return {"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds}
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "tokens_per_second": tokens / seconds,
+        "driver": manifest["driver"],
+    }
+
+
+def padding_share(out: Path) -> dict[str, float]:
+    """The share of each split's sample tokens that are padding (each block ends in one
+    partly filled sample per split and copy)."""
+    from pipeline.data.shards import PAD_DOC, read_manifest
+
+    shares = {}
+    for split, entry in read_manifest(out)["splits"].items():
+        padded = total = 0
+        for shard in entry["shards"]:
+            docs = np.load(out / shard["file"], mmap_mode="r")[:, 1]
+            padded, total = padded + int((docs == PAD_DOC).sum()), total + docs.size
+        shares[split] = padded / max(total, 1)
+    return shares
 
 
 def run_datasets_baseline(corpus: Path, tokenizer: Path, procs: int) -> dict[str, Any]:
@@ -103,7 +133,7 @@ def run_datasets_baseline(corpus: Path, tokenizer: Path, procs: int) -> dict[str
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--min-mb", type=float, default=20.0)
+    ap.add_argument("--min-mb", type=float, default=100.0)
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--out", default="benchmarks/results/preprocess.json")
     args = ap.parse_args()
@@ -146,6 +176,7 @@ def main() -> None:
                     runs[name].append(log(name, run_pipeline(corpus, tokenizer, out, cpus)))
             finally:
                 ray.shutdown()
+        padding = padding_share(folder / "out")
 
     def best(name: str) -> float:
         return max(x["tokens_per_second"] for x in runs[name])
@@ -155,6 +186,10 @@ def main() -> None:
 
     def cold_tps(name: str) -> float:
         return float(cold[name]["tokens_per_second"])
+
+    def per_mb(key: str) -> dict[str, float]:
+        values = [x["driver"][key] / (size / 1e6) for x in runs["pipeline_2cpu"]]
+        return {"min": min(values), "median": statistics.median(values)}
 
     result = {
         "corpus_mb": size / 1e6,
@@ -171,6 +206,13 @@ def main() -> None:
         "scaling_1_to_2_cpus_median": median("pipeline_2cpu") / median("pipeline_1cpu"),
         "speedup_vs_datasets_cold": cold_tps("pipeline_2cpu") / cold_tps("datasets_num_proc_2"),
         "scaling_1_to_2_cpus_cold": cold_tps("pipeline_2cpu") / cold_tps("pipeline_1cpu"),
+        "driver_bytes_in_per_mb": per_mb("bytes_in"),
+        "driver_bytes_out_per_mb": per_mb("bytes_out"),
+        "driver_busy_s_per_mb": per_mb("cpu_seconds"),
+        "blocks": runs["pipeline_2cpu"][0]["driver"]["blocks"],
+        "block_bytes": BLOCK_BYTES,
+        "seq_len": SEQ_LEN,
+        "padding_share": padding,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -180,7 +222,8 @@ def main() -> None:
             {
                 k: result[k]
                 for k in result
-                if k.startswith(("speedup", "scaling")) or k == "tokens_per_second_max"
+                if k.startswith(("speedup", "scaling", "driver"))
+                or k in ("tokens_per_second_max", "corpus_mb", "padding_share", "blocks")
             },
             indent=1,
         )

@@ -1,4 +1,4 @@
-"""Data: text stages, packing, shards, the resumable reader, and the Ray Data pipeline run on
+"""Data: text stages, packing, shards, the resumable reader, and the preprocessing pipeline run on
 a real local Ray instance."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pipeline.config import DataNode, SourceNode
 from pipeline.data import text as stages
 from pipeline.data.reader import ShardReader
 from pipeline.data.shards import (
+    FORMAT_VERSION,
     PAD_DOC,
-    DocumentShardWriter,
     pack_documents,
     pack_pairs,
     read_manifest,
@@ -87,22 +87,69 @@ def test_packing_keeps_every_token_once_in_order_with_document_ids():
     assert packed.shape == (-(-len(expected) // block), 2, block)
 
 
-def test_streamed_shards_equal_packing_the_whole_split_at_once(tmp_path):
-    """The pipeline's writer packs documents as they arrive; its shards are byte for byte
-    those of packing every document at once and cutting the samples into shards."""
+def test_blocks_are_cut_by_content_and_a_stream_is_cut_alike():
+    import pyarrow as pa
+
+    from pipeline.data.blocks import cut, row_bytes, stream_blocks
+
     rng = random.Random(1)
-    docs = [(i, [rng.randrange(3, 500) for _ in range(rng.randrange(0, 90))]) for i in range(300)]
-    expected = write_shards(tmp_path / "whole", "train", pack_documents(docs, 17, 1, 2), 7)
-    writer = DocumentShardWriter(tmp_path / "streamed", "train", 17, 7, eod=1, pad=2)
-    cuts = [0, *sorted(rng.sample(range(1, len(docs)), 12)), len(docs)]
-    for a, b in itertools.pairwise(cuts):  # arrivals of uneven size
-        part = docs[a:b]
-        writer.add(
-            np.array([d for d, _ in part], dtype=np.uint32),
-            np.array([len(t) for _, t in part], dtype=np.int64),
-            np.array([x for _, t in part for x in t], dtype=np.uint32),
-        )
-    assert writer.close() == expected and writer.samples == sum(e["samples"] for e in expected)
+    texts = ["é" * rng.randrange(0, 60) for _ in range(300)]  # 2 UTF-8 bytes a character
+    table = pa.table({"text": texts})
+    sizes = row_bytes(table)
+    assert sizes.tolist() == [len(t.encode()) for t in texts]
+    bounds = cut(sizes, 500)
+    assert bounds[0] == 0 and bounds[-1] == len(texts)
+    for a, b in itertools.pairwise(bounds):  # a block closes at the row that reaches 500
+        assert sizes[a : b - 1].sum() < 500
+        assert sizes[a:b].sum() >= 500 or b == len(texts)
+    batches = ({"text": texts[i : i + 7]} for i in range(0, len(texts), 7))
+    streamed = [t.column("text").to_pylist() for t in stream_blocks(batches, 500)]
+    assert streamed == [texts[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def test_a_blocks_shards_pack_each_split_and_copy_of_its_kept_documents(tmp_path):
+    """Pass 2 of one block: the kept documents of each split, once per copy their source's
+    weight gives them, packed as `pack_documents` packs them and cut into shards named
+    from (split, copy, source, block, k); the counts match the shards."""
+    import pyarrow as pa
+
+    from pipeline.data.blocks import write_block
+
+    rng = random.Random(2)
+    docs = [[rng.randrange(3, 500) for _ in range(rng.randrange(1, 60))] for _ in range(80)]
+    hashes = [stages.content_hash(f"document {i}") for i in range(80)]
+    encoded = pa.table(
+        {
+            "hash": hashes,
+            "ids": pa.array(docs, pa.list_(pa.uint32())),
+            "bytes": [3 * len(d) for d in docs],
+        }
+    )
+    keep = np.array([i % 9 != 4 for i in range(80)])
+    pack = {"paired": False, "block": 17, "samples_per_shard": 5, "eod": 1, "pad": 2}
+    out = write_block(encoded, keep, 1000, 3, 12, 1.5, 0.2, str(tmp_path), pack)
+    for split in ("train", "val"):
+        rows = [
+            i
+            for i in range(80)
+            if keep[i] and stages.is_validation(hashes[i], 0.2) == (split == "val")
+        ]
+        again = [i for i in rows if stages.hash_below(hashes[i], 0.5, salt=1)]
+        records = [r for r in out["shards"] if r["split"] == split]
+        for copy, chosen in ((0, rows), (1, again)):
+            mine = [r for r in records if r["copy"] == copy]
+            assert [r["file"] for r in mine] == [
+                f"{split}/shard-c{copy:03d}-s003-b0000012-{k:04d}.npy" for k in range(len(mine))
+            ]
+            got = np.concatenate([np.load(tmp_path / r["file"]) for r in mine])
+            expected = pack_documents([(1000 + i, docs[i]) for i in chosen], 17, 1, 2)
+            assert np.array_equal(got, expected)
+        counts = out["counts"][split]
+        both = rows + again
+        assert counts["documents"] == len(both) and 0 < len(again) < len(rows)
+        assert counts["predicted_tokens"] == sum(len(docs[i]) + 1 for i in both)
+        assert counts["bytes"] == sum(3 * len(docs[i]) for i in both)
+    assert out["counts"]["tokens"] == sum(len(docs[i]) for i in range(80) if keep[i])
 
 
 def test_long_documents_continue_into_the_next_block():
@@ -129,7 +176,10 @@ def make_output(tmp_path: Path, n_samples: int = 23, per_shard: int = 5) -> Path
     shards = write_shards(tmp_path, "train", samples, per_shard)
     write_json(
         tmp_path / "manifest.json",
-        {"format_version": 1, "splits": {"train": {"samples": n_samples, "shards": shards}}},
+        {
+            "format_version": FORMAT_VERSION,
+            "splits": {"train": {"samples": n_samples, "shards": shards}},
+        },
     )
     return tmp_path
 
@@ -225,7 +275,7 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
     assert invalid_utf8_replaced(ds) == 2
 
 
-# ------------------------------------------------------------------ the Ray Data pipeline
+# ------------------------------------------------------------------ the pipeline on Ray
 
 
 @pytest.fixture(scope="module")
@@ -249,10 +299,14 @@ def run(ray_local, tmp_path, glob, out, parallelism, **data):
     return preprocess(node, out, vocab_size=300, parallelism=parallelism, progress=lambda m: None)
 
 
-def test_pipeline_is_deterministic_and_counts_what_it_drops(ray_local, tmp_path):
+def test_pipeline_is_deterministic_and_counts_what_it_drops(ray_local, tmp_path, monkeypatch):
+    import pipeline.data.preprocess as prep
+
+    monkeypatch.setattr(prep, "BLOCK_BYTES", 3000)  # many blocks, in flight on both CPUs
     glob = write_corpus(tmp_path / "corpus")
     a = run(ray_local, tmp_path, glob, tmp_path / "out1", parallelism=1)
     b = run(ray_local, tmp_path, glob, tmp_path / "out2", parallelism=2)
+    assert a["driver"]["blocks"] == b["driver"]["blocks"] > 10
 
     def shards(manifest):
         return [
@@ -286,8 +340,11 @@ def eod_document_ids(out: Path, split: str) -> list[int]:
     return ids
 
 
-def test_sources_blend_by_weight(ray_local, tmp_path):
+def test_sources_blend_by_weight(ray_local, tmp_path, monkeypatch):
+    import pipeline.data.preprocess as prep
     from pipeline.data.preprocess import preprocess
+
+    monkeypatch.setattr(prep, "BLOCK_BYTES", 1500)  # each source cut into several blocks
 
     write_corpus(tmp_path / "a", n=60)  # 63 documents: 60 kept, then empty, short, duplicate
     other = tmp_path / "b.jsonl"
@@ -335,8 +392,7 @@ def test_sources_blend_by_weight(ray_local, tmp_path):
 def test_a_streamed_source_gives_the_same_shards(ray_local, tmp_path, monkeypatch):
     import pipeline.data.preprocess as prep
 
-    monkeypatch.setattr(prep, "STREAM_BLOCK_BYTES", 2000)  # many blocks, several windows
-    monkeypatch.setattr(prep, "WINDOW_BLOCKS", 2)
+    monkeypatch.setattr(prep, "BLOCK_BYTES", 2000)  # many blocks, more than are ahead at once
     path = tmp_path / "c.jsonl"
     rows = [{"body": f"text number {i} " * (i % 7 + 1)} for i in range(400)] + [{"body": "x"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -1,1 +1,1 @@
-"""Data: sources, Ray Data preprocessing into packed token shards, and the training reader."""
+"""Data: sources, preprocessing on Ray into packed token shards, and the training reader."""

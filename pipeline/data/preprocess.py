@@ -1,18 +1,23 @@
-"""Preprocessing with Ray Data: sources -> (normalize, filter, hash, tokenize) -> dedup ->
-split -> blend -> pack -> shards + manifest.
+"""Preprocessing on a Ray cluster: sources -> blocks -> pass 1 (normalize, filter, hash,
+tokenize) -> the driver's decisions (dedup) -> pass 2 (split, blend, pack, write shards)
+-> manifest.
 
-The per-document work runs as one Ray Data stage (`text.clean_and_encode`, a task per
-block on every CPU; a worker process loads the tokenizer once and keeps it for its later
-tasks). The driver takes the blocks back in document order, numbers the documents,
-deduplicates on the content hashes the workers computed (the first occurrence stays),
-splits by hash and streams each split into its shard writer, so the corpus never has to
-fit in memory. The output depends only on the sources and the config, never on the
-parallelism. A run whose fingerprint matches the manifest already in the output folder is
-a cache hit and does nothing. An output URI (s3://, gs://) is written in a local mirror
-folder, then uploaded (pipeline.data.remote).
+Each source is cut into blocks by content alone (pipeline/data/blocks.py), and each block
+goes through two Ray tasks. Pass 1 encodes the block and keeps its tokens in Ray's object
+store; the driver receives 17 bytes a document (a drop code and a content-hash key),
+decides deduplication in (source, block, index) order (the first occurrence stays) and
+sends back which documents stay: one byte a document. Pass 2 runs where the block's
+tokens are, splits and blends by content hash, packs each (split, copy) of the block into
+samples and writes its shards itself. The driver writes the manifest last from the
+shards' records. Nothing depends on the parallelism: the output is byte-identical on one
+CPU or a cluster. A run whose fingerprint matches the manifest already in the output
+folder is a cache hit and does nothing.
 
-A tokenizer to train is trained first, on the driver, from the first documents that pass
-the filters and deduplication (normalized the same way), so that the corpus is read once.
+What still passes through the driver (docs/data.md): reading the sources (it puts each
+input block into the object store), training a tokenizer, and the set of content keys
+for deduplication. An output URI (s3://, gs://) is written in the driver's local mirror
+folder, so the driver runs pass 2 itself there, then uploads it (pipeline.data.remote);
+a local output folder must be one every node mounts.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import hashlib
 import itertools
 import json
 import os
+import pickle
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,15 +37,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import DataNode
-from pipeline.data import remote
+from pipeline.data import blocks, remote
 from pipeline.data import text as stages
-from pipeline.data.shards import (
-    FORMAT_VERSION,
-    DocumentShardWriter,
-    PairShardWriter,
-    read_manifest,
-    write_json,
-)
+from pipeline.data.shards import FORMAT_VERSION, read_manifest, write_json
 from pipeline.data.sources import (
     invalid_utf8_replaced,
     load_source,
@@ -51,7 +52,7 @@ from pipeline.data.tokenizer import (
     tokenizer_hash,
     train_tokenizer,
 )
-from pipeline.errors import DataError
+from pipeline.errors import DataError, UserError
 
 Progress = Callable[[str], None]
 
@@ -59,149 +60,100 @@ Progress = Callable[[str], None]
 def fingerprint(data: DataNode, vocab_size: int, paired: bool, sources: list[str]) -> str:
     """What the output depends on: the resolved data config and what the sources hold
     (`sources`: their `source_fingerprint`s)."""
-    # "bytes": outputs since the manifest counts each split's bytes (the shards are as
-    # before); an older output is a cache miss, so bits per byte finds its counts
-    h = hashlib.sha256(f"v{FORMAT_VERSION}|bytes|{vocab_size}|{paired}|".encode())
+    # the shard format, and the block size: samples are packed per input block
+    h = hashlib.sha256(f"v{FORMAT_VERSION}|{BLOCK_BYTES}|{vocab_size}|{paired}|".encode())
     h.update(data.model_dump_json().encode())
     for source in sources:
         h.update(source.encode())
     return h.hexdigest()
 
 
-BLOCK_BYTES = 32 << 20  # text per block, at most (a task's work)
-STREAM_BLOCK_BYTES = 8 << 20  # a streamed source's blocks: smaller, to start sooner
-WINDOW_BLOCKS = 16  # blocks per CPU in one Ray Data execution: bounds the object store
+BLOCK_BYTES = 1 << 20  # UTF-8 text per input block (a task's work), cut by content alone
+AHEAD_PER_CPU = 4  # pass-1 tasks submitted ahead of the driver's decisions, per CPU
 
 
-def _windows(hf: Any, parallelism: int) -> Iterator[list[Any]]:
-    """One source as lists of Arrow blocks (`text`, and `target`), in document order, each
-    list one Ray Data execution. An in-memory (Arrow-backed) dataset is sliced into at
-    least 4 blocks per CPU, so that every CPU stays busy to the end; a streaming one is
-    read here as it streams, a block at a time."""
+def _source_blocks(hf: Any) -> Iterator[Any]:
+    """One source as pyarrow tables (`text`, and `target`), in document order, cut by
+    content: a dataset in memory or in Arrow files by its rows' sizes, a streamed one as
+    it streams (the same cut)."""
     import datasets
-    import pyarrow as pa
 
-    per_window = WINDOW_BLOCKS * parallelism
     if isinstance(hf, datasets.Dataset):
         if hf._indices is not None:
             hf = hf.flatten_indices()
         table = hf.data.table
-        n = table.num_rows
-        k = min(n, max(4 * parallelism, -(-table.nbytes // BLOCK_BYTES)))
-        bounds = [i * n // k for i in range(k + 1)]
-        blocks = [table.slice(a, b - a) for a, b in itertools.pairwise(bounds)]
-        for start in range(0, k, per_window):
-            yield blocks[start : start + per_window]
+        bounds = blocks.cut(blocks.row_bytes(table), BLOCK_BYTES)
+        for a, b in itertools.pairwise(bounds):
+            yield table.slice(a, b - a)
         return
-    window: list[Any] = []
-    rows: dict[str, list[Any]] = {}
-    size = 0
-    for batch in hf.iter(batch_size=256):
-        for column, values in batch.items():
-            rows.setdefault(column, []).extend(values)
-        size += sum(len(str(t)) for t in batch["text"])
-        if size >= STREAM_BLOCK_BYTES:
-            window.append(pa.table(rows))
-            rows, size = {}, 0
-            if len(window) == per_window:
-                yield window
-                window = []
-    if rows:
-        window.append(pa.table(rows))
-    if window:
-        yield window
+    yield from blocks.stream_blocks(hf.iter(batch_size=256), BLOCK_BYTES)
 
 
-class _Consumer:
-    """The driver's side of the pass: takes the workers' blocks in document order and
-    numbers the documents, counts drops, deduplicates by content hash, splits by hash,
-    blends by weight and hands each document to its split's shard writer."""
+class _Driver:
+    """The driver's side: what it puts into Ray and gets back (counted in bytes: an Arrow
+    table by its buffers, which Ray's serializer writes for a slice alone, anything else
+    by its pickle), and its decisions on the documents' keys: drop counts and
+    deduplication, first occurrence first."""
 
-    def __init__(self, data: DataNode, writers: dict[str, Any], spill: Path) -> None:
-        self.data, self.writers, self.spill = data, writers, spill
+    def __init__(self, dedup: bool) -> None:
+        self.dedup = dedup
+        self.bytes_out = self.bytes_in = 0
         self.documents_in = 0
         self.dropped = {reason: 0 for reason in stages.FILTER_REASONS} | {"duplicate": 0}
-        self.tokens = 0
-        self.documents = {"train": 0, "val": 0}
-        # per split: the tokens a model predicts (the target side of a pair) and their UTF-8
-        # bytes, every copy counted: bits per byte = loss / ln 2 x predicted / bytes
-        self.predicted = {"train": 0, "val": 0}
-        self.bytes = {"train": 0, "val": 0}
         self.seen: set[bytes] = set()
-        # the later passes over sources of weight above 1, written after the first pass;
-        # their documents wait in .npz files under `spill`, not in memory
-        self.later: dict[tuple[int, str], list[Path]] = {}
 
-    def take(self, table: Any, source: int) -> None:
-        n = table.num_rows
+    @staticmethod
+    def size(obj: Any) -> int:
+        import pyarrow as pa
+
+        if isinstance(obj, pa.Table):
+            return int(obj.nbytes)
+        return len(pickle.dumps(obj, protocol=5))
+
+    def put(self, obj: Any) -> Any:
+        import ray
+
+        self.bytes_out += self.size(obj)
+        return ray.put(obj)
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        """`fn.remote(*args)`, its arguments counted (an object reference passes as one)."""
+        import ray
+
+        self.bytes_out += sum(self.size(a) for a in args if not isinstance(a, ray.ObjectRef))
+        return fn.remote(*args)
+
+    def get(self, ref: Any) -> Any:
+        """`ray.get`, counted; a user error a task raised is raised here as itself."""
+        import ray
+
+        try:
+            value = ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, UserError):
+                raise exc.cause from None
+            raise
+        self.bytes_in += sum(map(self.size, value)) if isinstance(ref, list) else self.size(value)
+        return value
+
+    def decide(self, keys: dict[str, np.ndarray]) -> tuple[np.ndarray, int]:
+        """Which of a block's documents stay, and the number of its first document."""
+        drop, key = keys["drop"], keys["key"]
         first = self.documents_in
-        self.documents_in += n
-        drop = table.column("drop").to_pylist()
-        hashes = table.column("hash").to_pylist()
-        weight = self.data.sources[source].weight
-        whole, frac = divmod(weight, 1.0)
-        chosen: dict[str, list[int]] = {"train": [], "val": []}
-        copies: dict[str, list[int]] = {"train": [], "val": []}
-        for i in range(n):
-            if drop[i]:
-                self.dropped[drop[i]] += 1
-                continue
-            if self.data.dedup:
-                key = bytes.fromhex(hashes[i][:32])
-                if key in self.seen:
+        self.documents_in += len(drop)
+        codes, counts = np.unique(drop[drop > 0], return_counts=True)
+        for code, count in zip(codes.tolist(), counts.tolist(), strict=True):
+            self.dropped[stages.FILTER_REASONS[code - 1]] += count
+        keep = drop == 0
+        if self.dedup:
+            for i in np.flatnonzero(keep).tolist():
+                k = key[i].tobytes()
+                if k in self.seen:
+                    keep[i] = False
                     self.dropped["duplicate"] += 1
-                    continue
-                self.seen.add(key)
-            split = "val" if stages.is_validation(hashes[i], self.data.val_fraction) else "train"
-            chosen[split].append(i)
-            # Megatron-style blending: floor(w) full passes plus the fraction w - floor(w)
-            # of the documents, chosen by content hash (stable)
-            copies[split].append(int(whole) + int(stages.hash_below(hashes[i], frac, salt=1)))
-        columns = [c for c in ("ids", "target_ids") if c in table.column_names]
-        sizes = table.column("bytes").to_numpy()
-        for split, rows in chosen.items():
-            if not rows:
-                continue
-            at = np.array(rows, dtype=np.int64)
-            parts = []
-            for column in columns:
-                lists = table.column(column).take(at).combine_chunks()
-                parts += [lists.value_lengths().to_numpy(), lists.flatten().to_numpy()]
-                self.tokens += int(parts[-1].size)
-            count = np.array(copies[split])
-            # the last column is the predicted one; a document's end token is predicted too
-            self.predicted[split] += int(((parts[-2] + 1) * count).sum())
-            self.bytes[split] += int((sizes[at] * count).sum())
-            doc_ids = (first + at).astype(np.uint32)
-            for copy in range(int(count.max())):
-                keep = count > copy
-                item = (doc_ids[keep], *_select(parts, keep))
-                self.documents[split] += int(keep.sum())
-                if copy == 0:
-                    self.writers[split].add(*item)
                 else:
-                    files = self.later.setdefault((copy, split), [])
-                    files.append(self.spill / f"pass{copy}-{split}-{len(files):06d}.npz")
-                    self.spill.mkdir(exist_ok=True)
-                    np.savez(files[-1], *item)
-
-    def close(self) -> dict[str, list[dict[str, Any]]]:
-        for copy, split in sorted(self.later):
-            for path in self.later[(copy, split)]:
-                with np.load(path) as item:
-                    self.writers[split].add(*(item[f"arr_{j}"] for j in range(len(item.files))))
-                path.unlink()
-        return {split: writer.close() for split, writer in self.writers.items()}
-
-
-def _select(parts: list[np.ndarray], keep: np.ndarray) -> list[np.ndarray]:
-    """(lengths, values) pairs of lists, restricted to the lists where `keep` holds."""
-    if keep.all():
-        return parts
-    out = []
-    for lengths, values in zip(parts[::2], parts[1::2], strict=True):
-        out += [lengths[keep], values[np.repeat(keep, lengths)]]
-    return out
+                    self.seen.add(k)
+        return keep, first
 
 
 def preprocess(
@@ -234,7 +186,7 @@ def preprocess(
         return {**manifest, "cache_hit": True}
     # An earlier run whose upload failed left the output complete in the mirror: upload it.
     manifest = _holding(out, fp) or _run(
-        data, out, fp, files, source_fps, vocab_size, paired, parallelism, progress
+        data, out, fp, files, source_fps, vocab_size, paired, parallelism, progress, True
     )
     progress(f"uploading to {uri}")
     remote.upload(out, uri, manifest)
@@ -263,23 +215,18 @@ def _run(
     paired: bool,
     parallelism: int | None,
     progress: Progress,
+    on_driver: bool = False,
 ) -> dict[str, Any]:
     import ray
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    parallelism = parallelism or cluster_cpus
-    # A cap on concurrent tasks only where fewer CPUs than the cluster's are asked for:
-    # Ray Data's cap holds tasks back between completions (0.4 s of 5 s on the benchmark
-    # corpus), and the cluster's CPUs bound the tasks anyway.
-    compute = ray.data.TaskPoolStrategy(size=parallelism) if parallelism < cluster_cpus else None
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # documents are numbered as they arrive
-    ctx.enable_progress_bars = False
-    # Ray Data's per-operator resource reservations keep part of the CPUs idle here (one
-    # stage whose outputs go straight to the driver): 6.1 s instead of 5.2 s on the 20 MB
-    # benchmark corpus with 2 CPUs.
-    ctx.op_resource_reservation_enabled = False
+    parallelism = min(parallelism or cluster_cpus, cluster_cpus)
+    # fewer CPUs than the cluster's: each task asks for a larger share, so that at most
+    # `parallelism` run at once
+    options: dict[str, Any] = {"num_cpus": cluster_cpus / parallelism}
+    encode = ray.remote(blocks.encode_block).options(num_returns=2, **options)
+    write = ray.remote(blocks.write_block).options(**options)
 
     progress("loading sources")
     sources, replaced = [], 0
@@ -294,59 +241,64 @@ def _run(
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
+    driver = _Driver(data.dedup)
     try:
         tok = _tokenizer(data, sources, paired, vocab_size, progress)
         tok.save(str(staging / "tokenizer.json"))
         specials = special_ids(tok)
         tok_digest = tokenizer_hash(tok)
-        consumer = _Consumer(data, _writers(data, staging, paired, specials), staging / "passes")
-        tokenize = {
-            "tokenizer_json": tok.to_str(),
-            "tokenizer_digest": tok_digest,
-            "min_chars": data.min_chars,
-            "max_chars": data.max_chars,
-        }
+        tokenizer = driver.put(tok.to_str())  # once; every task of the run reads it
+        pack = _packing(data, paired, specials)
+        folder = str(staging.resolve())
         sized = all(hasattr(hf, "__len__") for hf in sources)  # streamed sources are not
         total = sum(len(hf) for hf in sources) if sized else None
         progress(f"cleaning and tokenizing {total or 'the'} documents on {parallelism} CPUs")
+        pending: deque[tuple[int, int, Any, Any]] = deque()
+        writes: list[Any] = []
         reported = time.perf_counter()
-        for i, window in (
-            (i, w) for i, hf in enumerate(sources) for w in _windows(hf, parallelism)
-        ):
-            encoded = ray.data.from_arrow(window).map_batches(
-                stages.clean_and_encode,
-                fn_kwargs=tokenize,
-                batch_size=None,
-                batch_format="pyarrow",
-                compute=compute,
-            )
-            for block in encoded.iter_batches(
-                batch_size=None, batch_format="pyarrow", prefetch_batches=0
-            ):
-                consumer.take(block, i)
+
+        def decide_next() -> None:
+            source, block, keys, encoded = pending.popleft()
+            keep, first = driver.decide(driver.get(keys))
+            weight = data.sources[source].weight
+            args = (keep, first, source, block, weight, data.val_fraction, folder, pack)
+            if on_driver:  # the output is this machine's mirror of a URI: written here
+                writes.append(blocks.write_block(driver.get(encoded), *args))
+            else:
+                writes.append(driver.call(write, encoded, *args))
+
+        for source, hf in enumerate(sources):
+            for block, table in enumerate(_source_blocks(hf)):
+                keys, encoded = driver.call(
+                    encode, driver.put(table), tokenizer, tok_digest, data.min_chars,
+                    data.max_chars, block,
+                )  # fmt: skip
+                pending.append((source, block, keys, encoded))
+                while len(pending) >= AHEAD_PER_CPU * parallelism:
+                    decide_next()
                 if time.perf_counter() - reported > 10:
                     reported = time.perf_counter()
-                    rate = consumer.tokens / (reported - started)
                     of = f"/{total}" if total else ""
-                    progress(
-                        f"{consumer.documents_in}{of} documents, {consumer.tokens} tokens "
-                        f"({rate:,.0f} tokens/s)"
-                    )
-        if consumer.documents_in == 0:
+                    progress(f"{driver.documents_in}{of} documents read")
+        while pending:
+            decide_next()
+        if driver.documents_in == 0:
             raise DataError("the sources hold no documents")
-        documents_out = consumer.documents_in - sum(consumer.dropped.values())
-        if documents_out + consumer.dropped["duplicate"] == 0:
+        documents_out = driver.documents_in - sum(driver.dropped.values())
+        if documents_out + driver.dropped["duplicate"] == 0:
             raise DataError(
                 "the corpus is empty after filtering: "
-                + ", ".join(f"{k}={consumer.dropped[k]}" for k in stages.FILTER_REASONS)
+                + ", ".join(f"{k}={driver.dropped[k]}" for k in stages.FILTER_REASONS)
             )
-        progress("writing the last shards")
-        shards = consumer.close()
+        progress(f"writing the shards of {len(writes)} blocks")
+        written = writes if on_driver else driver.get(writes)
+        splits = _splits(written, staging)
         _publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     seconds = time.perf_counter() - started
+    tokens = sum(w["counts"]["tokens"] for w in written)
     manifest = {
         "format_version": FORMAT_VERSION,
         "fingerprint": fp,
@@ -363,59 +315,74 @@ def _run(
         ],
         "config": json.loads(data.model_dump_json()),
         "counts": {
-            "documents_in": consumer.documents_in,
+            "documents_in": driver.documents_in,
             "documents_out": documents_out,
-            "dropped": consumer.dropped,
-            "tokens": consumer.tokens,
+            "dropped": driver.dropped,
+            "tokens": tokens,
             "invalid_utf8_replaced": replaced,
         },
-        "splits": {
-            split: {
-                "documents": consumer.documents[split],
-                "samples": consumer.writers[split].samples,
-                "predicted_tokens": consumer.predicted[split],
-                "bytes": consumer.bytes[split],
-                "shards": entries,
-            }
-            for split, entries in shards.items()
-        },
+        "splits": splits,
     }
     write_json(out / "manifest.json", manifest)  # last: the output is complete from now on
-    progress(f"wrote {out}: {consumer.tokens} tokens in {seconds:.1f} s")
+    progress(f"wrote {out}: {tokens} tokens in {seconds:.1f} s")
     return {
         **manifest,
         "cache_hit": False,
         "seconds": seconds,
-        "tokens_per_second": consumer.tokens / max(seconds, 1e-9),
+        "tokens_per_second": tokens / max(seconds, 1e-9),
+        "driver": {
+            "bytes_out": driver.bytes_out,
+            "bytes_in": driver.bytes_in,
+            "cpu_seconds": time.process_time() - cpu_started,
+            "blocks": len(written),
+            "nodes": sorted({r["node"] for w in written for r in w["shards"] if r["node"]}),
+        },
     }
 
 
-def _writers(
-    data: DataNode, folder: Path, paired: bool, specials: dict[str, int]
-) -> dict[str, Any]:
-    if paired:
-        return {
-            split: PairShardWriter(
-                folder,
-                split,
-                data.max_source_len or data.seq_len,
-                data.max_target_len or data.seq_len,
-                data.samples_per_shard,
-                specials,
-            )
-            for split in ("train", "val")
-        }
+def _packing(data: DataNode, paired: bool, specials: dict[str, int]) -> dict[str, Any]:
+    """How pass 2 packs a block's documents into samples."""
     return {
-        split: DocumentShardWriter(
-            folder,
-            split,
-            data.seq_len + 1,
-            data.samples_per_shard,
-            specials["eod"],
-            specials["pad"],
-        )
-        for split in ("train", "val")
+        "paired": paired,
+        "block": data.seq_len + 1,
+        "max_source": data.max_source_len or data.seq_len,
+        "max_target": data.max_target_len or data.seq_len,
+        "samples_per_shard": data.samples_per_shard,
+        "eod": specials["eod"],
+        "pad": specials["pad"],
+        "bos": specials["bos"],
     }
+
+
+def _splits(written: list[dict[str, Any]], staging: Path) -> dict[str, Any]:
+    """The manifest's splits from pass 2's records: each split's shards in (copy, source,
+    block, k) order, and its counts. A shard this process cannot see was written on
+    another node into a folder that is not shared."""
+    splits = {}
+    for split in ("train", "val"):
+        records = sorted(
+            (r for w in written for r in w["shards"] if r["split"] == split),
+            key=lambda r: (r["copy"], r["source"], r["block"], r["k"]),
+        )
+        for r in records:
+            if not (staging / r["file"]).is_file():
+                raise DataError(
+                    f"{staging.parent}: shard {r['file']} written on Ray node {r['node']} is "
+                    "not here: on a cluster the output folder must be one every node mounts "
+                    "(or a bucket URI)"
+                )
+        counts = {
+            key: sum(w["counts"][split][key] for w in written)
+            for key in ("documents", "predicted_tokens", "bytes")
+        }
+        splits[split] = {
+            "documents": counts["documents"],
+            "samples": sum(r["samples"] for r in records),
+            "predicted_tokens": counts["predicted_tokens"],
+            "bytes": counts["bytes"],
+            "shards": [{k: r[k] for k in ("file", "samples", "sha256")} for r in records],
+        }
+    return splits
 
 
 def _publish(staging: Path, out: Path) -> None:

@@ -1,17 +1,21 @@
-"""Packing into fixed-length samples, and the on-disk shard format.
+"""Packing into fixed-length samples, and the on-disk shard format (version 2).
 
 A preprocessed split is a folder of shards plus one manifest.json for the whole output:
 
-    <out>/manifest.json          written last: its presence means the output is complete
+    <out>/manifest.json    written last: its presence means the output is complete
     <out>/tokenizer.json
-    <out>/train/shard-00000.npy  uint32 (samples, 2, seq_len + 1): [:, 0] token ids,
-    <out>/val/shard-00000.npy                                     [:, 1] document ids
+    <out>/train/shard-c000-s000-b0000000-0000.npy   uint32 (samples, 2, seq_len + 1):
+    <out>/val/shard-...                             [:, 0] token ids, [:, 1] document ids
 
-Document ids are global document indices, so they only grow along a sample; the padding
-at the tail of the last sample has document id PAD_DOC. Paired (seq2seq) shards hold
-(samples, 2, max_source_len + max_target_len + 1): the source, then BOS + target, padded.
-Every file is written under a temporary name and renamed into place, so a crash never
-leaves a half-written shard under its final name.
+Each input block's documents of one split and one blending copy are packed apart
+(pipeline/data/blocks.py) and written by the worker that holds them, as shards named from
+(copy, source, block, k); the manifest lists a split's shards in that order, and a
+sample's index is its place in that list. Document ids are global document indices, so
+they only grow along a sample; the padding at the tail of a block's last sample has
+document id PAD_DOC. Paired (seq2seq) shards hold (samples, 2, max_source_len +
+max_target_len + 1): the source, then BOS + target, padded. Every file is written under a
+temporary name and renamed into place, so a crash never leaves a half-written shard under
+its final name.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import numpy as np
 from pipeline.errors import DataError
 
 PAD_DOC = np.iinfo(np.uint32).max
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: samples packed per input block, shards named by block
 
 
 def pack_documents(
@@ -47,7 +51,7 @@ def pack_documents(
         np.concatenate(values) if values else np.zeros(0, np.uint32),
         eod,
     )
-    return _blocks(tokens, doc_ids, block, pad)
+    return samples_of(tokens, doc_ids, block, pad)
 
 
 def join_documents(
@@ -63,60 +67,14 @@ def join_documents(
     return tokens, np.repeat(doc_ids.astype(np.uint32), lengths + 1)
 
 
-def _blocks(tokens: np.ndarray, doc_ids: np.ndarray, block: int, pad: int) -> np.ndarray:
-    """(samples, 2, block): the stream cut into blocks, the last one padded."""
+def samples_of(tokens: np.ndarray, doc_ids: np.ndarray, block: int, pad: int) -> np.ndarray:
+    """(samples, 2, block): the stream cut into samples of `block` tokens, the last one
+    padded."""
     n = -(-tokens.size // block)
     tail = n * block - tokens.size
     tokens_nb = np.pad(tokens, (0, tail), constant_values=pad).reshape(n, block)
     docs_nb = np.pad(doc_ids, (0, tail), constant_values=PAD_DOC).reshape(n, block)
     return np.stack([tokens_nb, docs_nb], axis=1)
-
-
-class DocumentShardWriter:
-    """Packs a split's documents as they arrive, in order, into `block`-token samples
-    (as `pack_documents` does) and writes a shard each time `per_shard` samples are full,
-    so a corpus never has to fit in memory at once."""
-
-    def __init__(
-        self, out_dir: Path, split: str, block: int, per_shard: int, eod: int, pad: int
-    ) -> None:
-        self.out_dir, self.split = out_dir, split
-        self.block, self.per_shard, self.eod, self.pad = block, per_shard, eod, pad
-        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
-        self.pending_tokens = 0
-        self.entries: list[dict[str, Any]] = []
-        self.samples = 0
-
-    def add(self, doc_ids: np.ndarray, lengths: np.ndarray, values: np.ndarray) -> None:
-        if not doc_ids.size:
-            return
-        tokens, ids = join_documents(doc_ids, lengths, values, self.eod)
-        self.pending.append((tokens, ids))
-        self.pending_tokens += tokens.size
-        full = self.per_shard * self.block
-        if self.pending_tokens >= full:
-            tokens = np.concatenate([t for t, _ in self.pending])
-            ids = np.concatenate([d for _, d in self.pending])
-            cut = tokens.size - tokens.size % full
-            for start in range(0, cut, full):
-                self._write(tokens[start : start + full], ids[start : start + full])
-            self.pending = [(tokens[cut:], ids[cut:])]
-            self.pending_tokens = tokens.size - cut
-
-    def close(self) -> list[dict[str, Any]]:
-        """Write the last, partly filled shard (its last sample padded); the entries."""
-        if self.pending_tokens:
-            self._write(
-                np.concatenate([t for t, _ in self.pending]),
-                np.concatenate([d for _, d in self.pending]),
-            )
-        self.pending, self.pending_tokens = [], 0
-        return self.entries
-
-    def _write(self, tokens: np.ndarray, doc_ids: np.ndarray) -> None:
-        samples = _blocks(tokens, doc_ids, self.block, self.pad)
-        self.entries.append(write_shard(self.out_dir, self.split, len(self.entries), samples))
-        self.samples += len(samples)
 
 
 def pack_pairs(
@@ -146,49 +104,6 @@ def pack_pairs(
     return out
 
 
-class PairShardWriter:
-    """Collects a split's (source, target) pairs and, at close, groups them by length
-    (`pack_pairs`) and writes them as shards: grouping needs them all, and pairs are short."""
-
-    def __init__(
-        self,
-        out_dir: Path,
-        split: str,
-        max_source: int,
-        max_target: int,
-        per_shard: int,
-        specials: dict[str, int],
-    ) -> None:
-        self.out_dir, self.split, self.per_shard = out_dir, split, per_shard
-        self.max_source, self.max_target, self.specials = max_source, max_target, specials
-        self.items: list[tuple[int, np.ndarray, np.ndarray]] = []
-        self.samples = 0
-
-    def add(
-        self,
-        doc_ids: np.ndarray,
-        lengths: np.ndarray,
-        values: np.ndarray,
-        target_lengths: np.ndarray,
-        target_values: np.ndarray,
-    ) -> None:
-        sources = np.split(values, np.cumsum(lengths)[:-1])
-        targets = np.split(target_values, np.cumsum(target_lengths)[:-1])
-        self.items += zip(doc_ids.tolist(), sources, targets, strict=True)
-
-    def close(self) -> list[dict[str, Any]]:
-        samples = pack_pairs(
-            self.items,
-            self.max_source,
-            self.max_target,
-            self.specials["eod"],
-            self.specials["pad"],
-            self.specials["bos"],
-        )
-        self.samples = len(samples)
-        return write_shards(self.out_dir, self.split, samples, self.per_shard)
-
-
 def atomic_write(path: Path, write: Any) -> None:
     """`write(f)` into a temporary file, then rename it to `path`: readers see the old file
     or the whole new one. The temporary name is unique, since processes of one machine may
@@ -213,11 +128,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_shard(out_dir: Path, split: str, index: int, samples: np.ndarray) -> dict[str, Any]:
-    """Write one shard atomically; its manifest entry."""
+def write_shard(out_dir: Path, split: str, name: str, samples: np.ndarray) -> dict[str, Any]:
+    """Write one shard, `<split>/shard-<name>.npy`, atomically; its manifest entry."""
     folder = out_dir / split
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"shard-{index:05d}.npy"
+    path = folder / f"shard-{name}.npy"
     part = np.ascontiguousarray(samples)
     atomic_write(path, lambda f: np.save(f, part, allow_pickle=False))
     return {"file": f"{split}/{path.name}", "samples": len(part), "sha256": sha256_file(path)}
@@ -228,7 +143,7 @@ def write_shards(
 ) -> list[dict[str, Any]]:
     """Write `samples` as shards of `per_shard` rows; returns their manifest entries."""
     return [
-        write_shard(out_dir, split, i, samples[start : start + per_shard])
+        write_shard(out_dir, split, f"{i:05d}", samples[start : start + per_shard])
         for i, start in enumerate(range(0, len(samples), per_shard))
     ]
 

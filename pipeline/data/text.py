@@ -100,7 +100,7 @@ def is_validation(digest: str, val_fraction: float) -> bool:
     return hash_below(digest, val_fraction, salt=0)
 
 
-# ------------------------------------------------------------------ the fused Ray Data stage
+# ------------------------------------------------------------------ the fused per-document stage
 
 # The tokenizer of the current run, by its JSON's digest: a worker process loads it once
 # and keeps it for its later tasks (the state an actor would hold, without starting
@@ -113,7 +113,7 @@ def _tokenizer(tokenizer_json: str, digest: str) -> Any:
     if tok is None:
         import os
 
-        # One encoding thread per task: Ray Data already runs a task per CPU, and the
+        # One encoding thread per task: preprocessing already runs a task per CPU, and the
         # tokenizer's own thread pool on top of that would oversubscribe the cores.
         os.environ["RAYON_NUM_THREADS"] = "1"
         from tokenizers import Tokenizer
