@@ -16,6 +16,7 @@ from corpus import write_corpus
 from pipeline.config import DataNode, SourceNode
 from pipeline.data import text as stages
 from pipeline.data.reader import ShardReader
+from pipeline.data.reading import read_block
 from pipeline.data.shards import (
     FORMAT_VERSION,
     PAD_DOC,
@@ -266,6 +267,97 @@ def test_missing_file_and_missing_column(tmp_path):
     }
 
 
+def test_the_worker_reader_checks_columns_as_the_driver_does(tmp_path):
+    from pipeline.data.reading import plan_blocks
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"body": "a", "title": "b"}\n')
+    found = [(str(path), path)]
+    with pytest.raises(DataError, match="no column 'text'; columns are: body, title"):
+        plan_blocks(SourceNode(kind="files", path=str(path)), found, False, 1 << 20)
+    with pytest.raises(DataError, match=r"paired data needs data\.sources"):
+        plan_blocks(SourceNode(kind="files", path=str(path), text_column="body"), found, True, 99)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": oops}\n')
+    (block,) = plan_blocks(SourceNode(kind="files", path=str(bad)), [(str(bad), bad)], False, 99)
+    with pytest.raises(DataError, match=r"bad.jsonl: cannot read as json: line at byte 17"):
+        read_block(block)
+    csv = tmp_path / "a.csv"
+    csv.write_text("text\nhello\n")  # read on the driver: a quoted field may hold a newline
+    assert plan_blocks(SourceNode(kind="files", path=str(csv)), [(str(csv), csv)], False, 9) is None
+
+
+@pytest.mark.parametrize("limit", [1, 7, 64, 1000, 1 << 20])
+def test_worker_blocks_of_json_lines_parquet_and_text_hold_every_row_once(tmp_path, limit):
+    """A source's blocks, cut from file sizes and metadata alone, read back every row once
+    and in order, whatever the block size: a JSON-lines range holds the lines that start
+    in it; parquet blocks are runs of row groups; text blocks runs of whole files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data.reading import plan_blocks
+
+    rng = random.Random(limit)
+    rows = [{"t": "é" * rng.randrange(0, 30) + f" {i}", "n": i} for i in range(120)]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" * (1 + (i % 3 == 0))
+                             for i, r in enumerate(rows)))  # fmt: skip
+    parquet = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet, row_group_size=9)
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i, r in enumerate(rows[:40]):
+        (texts / f"{i:03d}.txt").write_text(r["t"])
+    for path, found, expected in (
+        (jsonl, [(str(jsonl), jsonl)], [r["t"] for r in rows]),
+        (parquet, [(str(parquet), parquet)], [r["t"] for r in rows]),
+        (texts, [(str(p), p) for p in sorted(texts.iterdir())], [r["t"] for r in rows[:40]]),
+    ):
+        source = SourceNode(
+            kind="files", path=str(path), text_column="text" if path == texts else "t"
+        )
+        plan = plan_blocks(source, found, False, limit)
+        read = [t for block in plan for t in read_block(block)[0].column("text").to_pylist()]
+        assert read == expected, path.name
+        if limit == 1 << 20:
+            assert len(plan) == 1
+        elif limit == 1:  # a block a JSON line at most (a byte), a row group, a file
+            assert len(plan) >= {jsonl: 120, parquet: 14, texts: 40}[path]
+
+
+def test_worker_read_sources_give_the_driver_readers_tokenizer_and_counts(
+    ray_local, tmp_path, monkeypatch
+):
+    """The same files read by workers (a block each here) or through Hugging Face
+    `datasets` on the driver: the same tokenizer, counts and shards."""
+    import pipeline.data.preprocess as prep
+    from pipeline.data import reading
+
+    write_corpus(tmp_path / "a", n=40)
+    other = tmp_path / "b.jsonl"
+    other.write_text(
+        "".join(json.dumps({"text": f"text {i} " * (i % 5 + 1)}) + "\n" for i in range(90))
+    )
+    node = DataNode(
+        sources=[
+            SourceNode(kind="files", path=str(tmp_path / "a" / "*.txt")),
+            SourceNode(kind="files", path=str(other), weight=1.5),
+        ],
+        seq_len=32,
+        min_chars=5,
+    )
+    workers = prep.preprocess(node, tmp_path / "w", vocab_size=300, progress=lambda m: None)
+    monkeypatch.setattr(reading, "plan_blocks", lambda *a, **k: None)  # all on the driver
+    driver = prep.preprocess(node, tmp_path / "d", vocab_size=300, progress=lambda m: None)
+    assert workers["tokenizer_sha256"] == driver["tokenizer_sha256"]
+    assert workers["counts"] == driver["counts"] and workers["splits"] == driver["splits"]
+    # the text no longer passes through the driver (what stays: the tokenizer, keep masks)
+    text = sum(p.stat().st_size for p in (tmp_path / "a").glob("*.txt"))
+    text += sum(len(json.loads(line)["text"]) for line in other.read_text().splitlines())
+    assert workers["driver"]["input_bytes_out"] == 0
+    assert driver["driver"]["input_bytes_out"] >= text
+
+
 def test_invalid_utf8_is_replaced_and_counted(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"good text \xff\xfe more")
     ds = load_source(SourceNode(kind="files", path=str(tmp_path / "*.txt")))
@@ -390,12 +482,13 @@ def test_sources_blend_by_weight(ray_local, tmp_path, monkeypatch):
 
 
 def test_a_streamed_source_gives_the_same_shards(ray_local, tmp_path, monkeypatch):
+    """A source read on the driver (csv here) is cut the same way read whole or streamed."""
     import pipeline.data.preprocess as prep
 
     monkeypatch.setattr(prep, "BLOCK_BYTES", 2000)  # many blocks, more than are ahead at once
-    path = tmp_path / "c.jsonl"
-    rows = [{"body": f"text number {i} " * (i % 7 + 1)} for i in range(400)] + [{"body": "x"}]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = tmp_path / "c.csv"
+    rows = [f"text number {i} " * (i % 7 + 1) for i in range(400)] + ["x"]
+    path.write_text("body\n" + "".join(r + "\n" for r in rows))
     manifests = [
         prep.preprocess(
             DataNode(
@@ -413,6 +506,7 @@ def test_a_streamed_source_gives_the_same_shards(ray_local, tmp_path, monkeypatc
     assert manifests[0]["splits"] == manifests[1]["splits"]
     assert manifests[1]["counts"]["documents_in"] == 401
     assert manifests[1]["counts"]["dropped"]["too_short"] == 1
+    assert manifests[0]["driver"]["blocks"] > 10
 
 
 def test_pipeline_on_paired_demo_style_data(ray_local, tmp_path):

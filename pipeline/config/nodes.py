@@ -59,7 +59,10 @@ class SourceNode(_Node):
         description="Blend weight: 2 reads the source twice, 0.5 half its documents (by hash)",
     )
     streaming: bool = Field(
-        False, description="Load with datasets' streaming mode instead of loading it whole"
+        False,
+        description="Load with datasets' streaming mode instead of loading it whole (a hub "
+        "dataset, or files read on the driver: csv, a JSON array, a bucket's files); local "
+        "JSON lines, parquet and text files are read by the workers, a block each",
     )
     documents: Literal["scenes", "plays"] = Field(
         "scenes",

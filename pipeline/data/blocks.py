@@ -19,6 +19,7 @@ block's counts; the driver writes the manifest last from those records.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data import text as stages
+from pipeline.data.reading import FileBlock, read_block
 from pipeline.data.shards import join_documents, pack_pairs, samples_of, write_shard
 
 KEY_BYTES = 16  # of a document's sha256 content hash, for deduplication
@@ -90,20 +92,25 @@ def stream_blocks(batches: Iterable[dict[str, list[Any]]], limit: int) -> Iterat
 
 def encode_block(
     table: Any,
-    tokenizer_json: str,
+    tokenizer: bytes,
     tokenizer_digest: str,
     min_chars: int,
     max_chars: int | None,
     block: int = 0,
 ) -> tuple[dict[str, np.ndarray], Any]:
-    """(keys, encoded) of input block `block`: the keys the driver needs, {"drop": uint8
-    (0: kept, else 1 + the index of the reason in FILTER_REASONS), "key": the first
-    KEY_BYTES bytes of each content hash}; and the encoded table (`hash`, `ids`,
-    `target_ids`, `bytes`) that stays in the object store for pass 2."""
+    """(keys, encoded) of input block `block` (a table, or a FileBlock read here), with
+    the tokenizer's JSON, zlib-compressed: the keys
+    the driver needs, {"drop": uint8 (0: kept, else 1 + the index of the reason in
+    FILTER_REASONS), "key": the first KEY_BYTES bytes of each content hash, "replaced":
+    characters of invalid UTF-8 replaced in reading}; and the encoded table (`hash`,
+    `ids`, `target_ids`, `bytes`) that stays in the object store for pass 2."""
     _fault("encode", block)
+    replaced = 0
+    if isinstance(table, FileBlock):  # a block of files: read here, not by the driver
+        table, replaced = read_block(table)
     encoded = stages.clean_and_encode(
         table,
-        tokenizer_json=tokenizer_json,
+        tokenizer_json=zlib.decompress(tokenizer).decode(),
         tokenizer_digest=tokenizer_digest,
         min_chars=min_chars,
         max_chars=max_chars,
@@ -114,7 +121,7 @@ def encode_block(
     key = np.frombuffer(
         b"".join(bytes.fromhex(h[: 2 * KEY_BYTES]) for h in hashes), dtype=f"V{KEY_BYTES}"
     )
-    return {"drop": drop, "key": key}, encoded.drop_columns(["drop"])
+    return {"drop": drop, "key": key, "replaced": replaced}, encoded.drop_columns(["drop"])
 
 
 # --------------------------------------------------------------------------- pass 2

@@ -29,6 +29,7 @@ import os
 import pickle
 import shutil
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import DataNode
-from pipeline.data import blocks, remote
+from pipeline.data import blocks, reading, remote
 from pipeline.data import text as stages
 from pipeline.data.shards import FORMAT_VERSION, read_manifest, write_json
 from pipeline.data.sources import (
@@ -97,10 +98,11 @@ class _Driver:
 
     def __init__(self, dedup: bool) -> None:
         self.dedup = dedup
-        self.bytes_out = self.bytes_in = 0
+        self.bytes_out = self.bytes_in = self.input_bytes_out = 0
         self.documents_in = 0
         self.dropped = {reason: 0 for reason in stages.FILTER_REASONS} | {"duplicate": 0}
         self.seen: set[bytes] = set()
+        self.replaced = 0  # characters of invalid UTF-8, in the blocks workers read
 
     @staticmethod
     def size(obj: Any) -> int:
@@ -111,9 +113,13 @@ class _Driver:
         return len(pickle.dumps(obj, protocol=5))
 
     def put(self, obj: Any) -> Any:
+        import pyarrow as pa
         import ray
 
-        self.bytes_out += self.size(obj)
+        size = self.size(obj)
+        self.bytes_out += size
+        if isinstance(obj, pa.Table):  # an input block this process read
+            self.input_bytes_out += size
         return ray.put(obj)
 
     def call(self, fn: Any, *args: Any) -> Any:
@@ -139,6 +145,7 @@ class _Driver:
     def decide(self, keys: dict[str, np.ndarray]) -> tuple[np.ndarray, int]:
         """Which of a block's documents stay, and the number of its first document."""
         drop, key = keys["drop"], keys["key"]
+        self.replaced += int(keys["replaced"])
         first = self.documents_in
         self.documents_in += len(drop)
         codes, counts = np.unique(drop[drop > 0], return_counts=True)
@@ -168,6 +175,7 @@ def preprocess(
     manifest (with `cache_hit`).
 
     `parallelism`: the CPUs to tokenize on (default: all of the Ray cluster's)."""
+    cpu_started = time.process_time()  # the driver's CPU, listing and hashing the sources too
     uri = str(out_dir) if remote.is_uri(out_dir) else None
     out = remote.mirror_dir(uri) if uri else Path(out_dir)
     # each source's files listed (or fetched) once, then hashed, then read from the same list
@@ -179,15 +187,17 @@ def preprocess(
         if manifest:
             progress(f"cache hit: {out} already holds this data ({fp[:12]})")
             return {**manifest, "cache_hit": True}
-        return _run(data, out, fp, files, source_fps, vocab_size, paired, parallelism, progress)
+        return _run(data, out, fp, files, source_fps, vocab_size, paired, parallelism, progress,
+                    cpu_started)  # fmt: skip
     manifest = remote.read_remote_manifest(uri)
     if manifest and manifest.get("fingerprint") == fp:
         progress(f"cache hit: {uri} already holds this data ({fp[:12]})")
         return {**manifest, "cache_hit": True}
     # An earlier run whose upload failed left the output complete in the mirror: upload it.
     manifest = _holding(out, fp) or _run(
-        data, out, fp, files, source_fps, vocab_size, paired, parallelism, progress, True
-    )
+        data, out, fp, files, source_fps, vocab_size, paired, parallelism, progress,
+        cpu_started, on_driver=True,
+    )  # fmt: skip
     progress(f"uploading to {uri}")
     remote.upload(out, uri, manifest)
     progress(f"wrote {uri}")
@@ -215,11 +225,12 @@ def _run(
     paired: bool,
     parallelism: int | None,
     progress: Progress,
+    cpu_started: float,
     on_driver: bool = False,
 ) -> dict[str, Any]:
     import ray
 
-    started, cpu_started = time.perf_counter(), time.process_time()
+    started = time.perf_counter()
     cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     parallelism = min(parallelism or cluster_cpus, cluster_cpus)
     # fewer CPUs than the cluster's: each task asks for a larger share, so that at most
@@ -228,12 +239,16 @@ def _run(
     encode = ray.remote(blocks.encode_block).options(num_returns=2, **options)
     write = ray.remote(blocks.write_block).options(**options)
 
-    progress("loading sources")
-    sources, replaced = [], 0
+    # Each source as the blocks workers read (files), or a dataset read here
+    progress("listing sources")
+    inputs: list[Any] = []
+    replaced = 0
     for source, found in zip(data.sources, files, strict=True):
-        hf = load_source(source, paired, found)
-        replaced += invalid_utf8_replaced(hf)
-        sources.append(hf)
+        plan = None if found is None else reading.plan_blocks(source, found, paired, BLOCK_BYTES)
+        if plan is None:
+            hf = load_source(source, paired, found)
+            replaced += invalid_utf8_replaced(hf)
+        inputs.append(plan if plan is not None else hf)
 
     # Everything is written under a staging folder and moved into place at the end, the
     # manifest last: a failed or interrupted run leaves the previous output as it was.
@@ -243,15 +258,16 @@ def _run(
     staging.mkdir(parents=True)
     driver = _Driver(data.dedup)
     try:
-        tok = _tokenizer(data, sources, paired, vocab_size, progress)
+        tok = _tokenizer(data, inputs, paired, vocab_size, progress, driver)
         tok.save(str(staging / "tokenizer.json"))
         specials = special_ids(tok)
         tok_digest = tokenizer_hash(tok)
-        tokenizer = driver.put(tok.to_str())  # once; every task of the run reads it
+        # once, compressed (a fifth of the JSON); every pass-1 task of the run reads it
+        tokenizer = driver.put(zlib.compress(tok.to_str().encode(), 6))
         pack = _packing(data, paired, specials)
         folder = str(staging.resolve())
-        sized = all(hasattr(hf, "__len__") for hf in sources)  # streamed sources are not
-        total = sum(len(hf) for hf in sources) if sized else None
+        sized = all(hasattr(i, "__len__") and not isinstance(i, list) for i in inputs)
+        total = sum(len(i) for i in inputs) if sized else None  # a dataset in memory
         progress(f"cleaning and tokenizing {total or 'the'} documents on {parallelism} CPUs")
         pending: deque[tuple[int, int, Any, Any]] = deque()
         writes: list[Any] = []
@@ -267,11 +283,12 @@ def _run(
             else:
                 writes.append(driver.call(write, encoded, *args))
 
-        for source, hf in enumerate(sources):
-            for block, table in enumerate(_source_blocks(hf)):
+        for source, item in enumerate(inputs):
+            read_here = not isinstance(item, list)
+            for block, table in enumerate(_source_blocks(item) if read_here else item):
                 keys, encoded = driver.call(
-                    encode, driver.put(table), tokenizer, tok_digest, data.min_chars,
-                    data.max_chars, block,
+                    encode, driver.put(table) if read_here else table, tokenizer, tok_digest,
+                    data.min_chars, data.max_chars, block,
                 )  # fmt: skip
                 pending.append((source, block, keys, encoded))
                 while len(pending) >= AHEAD_PER_CPU * parallelism:
@@ -319,7 +336,7 @@ def _run(
             "documents_out": documents_out,
             "dropped": driver.dropped,
             "tokens": tokens,
-            "invalid_utf8_replaced": replaced,
+            "invalid_utf8_replaced": replaced + driver.replaced,
         },
         "splits": splits,
     }
@@ -332,6 +349,7 @@ def _run(
         "tokens_per_second": tokens / max(seconds, 1e-9),
         "driver": {
             "bytes_out": driver.bytes_out,
+            "input_bytes_out": driver.input_bytes_out,
             "bytes_in": driver.bytes_in,
             "cpu_seconds": time.process_time() - cpu_started,
             "blocks": len(written),
@@ -399,29 +417,65 @@ def _publish(staging: Path, out: Path) -> None:
 
 
 def _tokenizer(
-    data: DataNode, sources: list[Any], paired: bool, vocab_size: int, progress: Progress
+    data: DataNode,
+    inputs: list[Any],
+    paired: bool,
+    vocab_size: int,
+    progress: Progress,
+    driver: _Driver,
 ) -> Any:
     """The tokenizer given by path, or a byte-level BPE trained on the first
-    `sample_documents` documents that pass the filters and deduplication, in order."""
+    `sample_documents` documents that pass the filters and deduplication, in order: in a
+    Ray task that reads them itself when every source is read by workers, else here."""
+    import ray
+    from tokenizers import Tokenizer
+
     if data.tokenizer.path:
         return load_tokenizer(data.tokenizer.path)
     n = data.tokenizer.sample_documents
     progress(f"training a byte-level BPE of {vocab_size} on up to {n} documents")
+    if all(isinstance(item, list) for item in inputs):
+        plan = [block for item in inputs for block in item]
+        task = ray.remote(_train_on_blocks)
+        return Tokenizer.from_str(
+            driver.get(driver.call(task, driver.put(plan), data, paired, vocab_size))
+        )
+    return _train_on(_tables(inputs), data, paired, vocab_size)
+
+
+def _tables(inputs: list[Any]) -> Iterator[Any]:
+    """Every block of the sources as a pyarrow table, in order, read here."""
+    for item in inputs:
+        if isinstance(item, list):
+            yield from (reading.read_block(block)[0] for block in item)
+        else:
+            yield from _source_blocks(item)
+
+
+def _train_on_blocks(plan: list[Any], data: DataNode, paired: bool, vocab_size: int) -> str:
+    """A worker's tokenizer training: it reads the blocks itself, as far as the sample goes."""
+    return str(_train_on(_tables([plan]), data, paired, vocab_size).to_str())
+
+
+def _train_on(tables: Iterator[Any], data: DataNode, paired: bool, vocab_size: int) -> Any:
+    n = data.tokenizer.sample_documents
     columns = ("text", "target") if paired else ("text",)
     texts: list[str] = []
     seen: set[str] = set()
-    for hf in sources:
-        for batch in hf.iter(batch_size=1024):
-            cleaned = stages.clean(
-                {c: np.array(stages.as_text(batch[c]), dtype=object) for c in columns},
-                data.min_chars,
-                data.max_chars,
-            )
-            for i, reason in enumerate(cleaned["drop"]):
-                if reason or (data.dedup and cleaned["hash"][i] in seen):
-                    continue
-                seen.add(cleaned["hash"][i])
-                texts += [cleaned[c][i] for c in columns]
-                if len(texts) == n * len(columns):
-                    return train_tokenizer(texts, vocab_size)
+    for table in tables:
+        cleaned = stages.clean(
+            {
+                c: np.array(stages.as_text(table.column(c).to_pylist()), dtype=object)
+                for c in columns
+            },
+            data.min_chars,
+            data.max_chars,
+        )
+        for i, reason in enumerate(cleaned["drop"]):
+            if reason or (data.dedup and cleaned["hash"][i] in seen):
+                continue
+            seen.add(cleaned["hash"][i])
+            texts += [cleaned[c][i] for c in columns]
+            if len(texts) == n * len(columns):
+                return train_tokenizer(texts, vocab_size)
     return train_tokenizer(texts, vocab_size)

@@ -20,11 +20,10 @@ from typing import Any
 import datasets
 
 from pipeline.config import SourceNode
+from pipeline.data.reading import file_format
 from pipeline.data.remote import fetch_files, is_uri
 from pipeline.data.shards import sha256_file
 from pipeline.errors import DataError
-
-FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 # --------------------------------------------------------------------------- demo corpus
 
@@ -128,12 +127,9 @@ def _load_files(source: SourceNode, found: list[tuple[str, Path]] | None) -> Any
     assert source.path is not None
     found = found or source_files(source)
     files = [str(local) for _, local in found]
-    fmt = source.format or FORMATS.get(Path(found[0][0]).suffix.lower())
-    if fmt is None:
-        raise DataError(f"{found[0][0]}: unknown format; set data.sources[].format")
+    fmt = file_format(source, found)
     if fmt == "text":
         return _text_files(files)
-    fmt = "json" if fmt == "jsonl" else fmt
     try:
         # data_files as a mapping: a bare list lets the builder look for other splits
         # in the working directory
