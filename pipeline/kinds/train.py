@@ -11,40 +11,35 @@ from pipeline.kinds.preprocess import data_dir, run_preprocess
 
 
 def run_train_job(job: Job) -> dict[str, Any]:
-    from pipeline.train.driver import run_train
-
-    spec = job.spec
-    run_preprocess(spec, job.show, job.uri, log_cached=False)  # a cache hit once it exists
-    return run_train(
-        spec,
-        data_dir(spec),
-        job.uri,
-        resume_from=job.resume_from,
-        progress=job.show,
-        faults=job.faults,
-    )
+    run_preprocess(job.spec, job.show, job.uri, log_cached=False)  # a cache hit once it exists
+    return _train(job, nested=False)
 
 
 def run_pipeline(job: Job) -> dict[str, Any]:
     import mlflow
 
     from pipeline.tracking import use_experiment
-    from pipeline.train.driver import run_train
 
     spec = job.spec
     use_experiment(job.uri, spec.tracking.experiment, spec.storage.work_dir)
     with mlflow.start_run(run_name=spec.job.name, tags={"attnpipe.stage": "pipeline"}) as parent:
         prep = run_preprocess(spec, job.show, job.uri, nested=True)
-        result = run_train(
-            spec,
-            data_dir(spec),
-            job.uri,
-            resume_from=job.resume_from,
-            progress=job.show,
-            faults=job.faults,
-            nested=True,
-        )
+        result = _train(job, nested=True)
         return {**result, "parent_run_id": parent.info.run_id, "preprocess": prep}
+
+
+def _train(job: Job, nested: bool) -> dict[str, Any]:
+    from pipeline.train.driver import run_train
+
+    return run_train(
+        job.spec,
+        data_dir(job.spec),
+        job.uri,
+        resume_from=job.resume_from,
+        progress=job.show,
+        faults=job.faults,
+        nested=nested,
+    )
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
