@@ -234,8 +234,9 @@ def _run(
     cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     parallelism = min(parallelism or cluster_cpus, cluster_cpus)
     # fewer CPUs than the cluster's: each task asks for a larger share, so that at most
-    # `parallelism` run at once
-    options: dict[str, Any] = {"num_cpus": cluster_cpus / parallelism}
+    # `parallelism` run at once; never more than the largest node has, or none would run
+    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+    options: dict[str, Any] = {"num_cpus": max(1, min(cluster_cpus / parallelism, largest))}
     encode = ray.remote(blocks.encode_block).options(num_returns=2, **options)
     write = ray.remote(blocks.write_block).options(**options)
 
