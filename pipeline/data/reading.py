@@ -142,6 +142,13 @@ def _json_line(line: bytes, path: str, where: int | str) -> dict[str, Any]:
     return row
 
 
+def read_text(path: str) -> tuple[str, int]:
+    """A text file as one document, invalid UTF-8 replaced (U+FFFD); the replacements."""
+    raw = Path(path).read_bytes()
+    text = codecs.getincrementaldecoder("utf-8")("replace").decode(raw, final=True)
+    return text, text.count("\ufffd") - raw.decode("utf-8", "ignore").count("\ufffd")
+
+
 def read_block(block: FileBlock) -> tuple[Any, int]:
     """(table with `text`, and `target`; characters of invalid UTF-8 replaced, for text)."""
     try:
@@ -163,9 +170,8 @@ def _read(block: FileBlock) -> tuple[Any, int]:
     replaced = 0
     if block.format == "text":
         for path in block.paths:
-            raw = Path(path).read_bytes()
-            text = codecs.getincrementaldecoder("utf-8")("replace").decode(raw, final=True)
-            replaced += text.count("\ufffd") - raw.decode("utf-8", "ignore").count("\ufffd")
+            text, bad = read_text(path)
+            replaced += bad
             rows["text"].append(text)
     elif block.format == "parquet":
         import pyarrow.parquet as pq

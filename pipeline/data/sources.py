@@ -8,7 +8,6 @@ Every source becomes a `datasets.Dataset` (or, when streaming, an `IterableDatas
 
 from __future__ import annotations
 
-import codecs
 import glob as globlib
 import hashlib
 import itertools
@@ -20,7 +19,7 @@ from typing import Any
 import datasets
 
 from pipeline.config import SourceNode
-from pipeline.data.reading import file_format
+from pipeline.data.reading import file_format, read_text
 from pipeline.data.remote import fetch_files, is_uri
 from pipeline.data.shards import sha256_file
 from pipeline.errors import DataError
@@ -145,10 +144,8 @@ def _text_files(files: list[str]) -> datasets.Dataset:
     """One document per text file; invalid UTF-8 is replaced (U+FFFD) and counted."""
     texts, replaced = [], 0
     for path in files:
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        raw = Path(path).read_bytes()
-        text = decoder.decode(raw, final=True)
-        replaced += text.count("\ufffd") - raw.decode("utf-8", "ignore").count("\ufffd")
+        text, bad = read_text(path)
+        replaced += bad
         texts.append(text)
     ds = datasets.Dataset.from_dict({"text": texts})
     ds.info.description = f"invalid_utf8_replaced={replaced}"
