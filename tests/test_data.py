@@ -267,24 +267,31 @@ def test_missing_file_and_missing_column(tmp_path):
     }
 
 
+def listed(*paths: Path) -> list:
+    """Local files as `source_files` lists them."""
+    from pipeline.data.reading import SourceFile
+
+    return [SourceFile(str(p), p.stat().st_size) for p in paths]
+
+
 def test_the_worker_reader_checks_columns_as_the_driver_does(tmp_path):
     from pipeline.data.reading import plan_blocks
 
     path = tmp_path / "docs.jsonl"
     path.write_text('{"body": "a", "title": "b"}\n')
-    found = [(str(path), path)]
+    found = listed(path)
     with pytest.raises(DataError, match="no column 'text'; columns are: body, title"):
         plan_blocks(SourceNode(kind="files", path=str(path)), found, False, 1 << 20)
     with pytest.raises(DataError, match=r"paired data needs data\.sources"):
         plan_blocks(SourceNode(kind="files", path=str(path), text_column="body"), found, True, 99)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": oops}\n')
-    (block,) = plan_blocks(SourceNode(kind="files", path=str(bad)), [(str(bad), bad)], False, 99)
+    (block,) = plan_blocks(SourceNode(kind="files", path=str(bad)), listed(bad), False, 99)
     with pytest.raises(DataError, match=r"bad.jsonl: cannot read as json: line at byte 17"):
         read_block(block)
     csv = tmp_path / "a.csv"
     csv.write_text("text\nhello\n")  # read on the driver: a quoted field may hold a newline
-    assert plan_blocks(SourceNode(kind="files", path=str(csv)), [(str(csv), csv)], False, 9) is None
+    assert plan_blocks(SourceNode(kind="files", path=str(csv)), listed(csv), False, 9) is None
 
 
 @pytest.mark.parametrize("limit", [1, 7, 64, 1000, 1 << 20])
@@ -309,9 +316,9 @@ def test_worker_blocks_of_json_lines_parquet_and_text_hold_every_row_once(tmp_pa
     for i, r in enumerate(rows[:40]):
         (texts / f"{i:03d}.txt").write_text(r["t"])
     for path, found, expected in (
-        (jsonl, [(str(jsonl), jsonl)], [r["t"] for r in rows]),
-        (parquet, [(str(parquet), parquet)], [r["t"] for r in rows]),
-        (texts, [(str(p), p) for p in sorted(texts.iterdir())], [r["t"] for r in rows[:40]]),
+        (jsonl, listed(jsonl), [r["t"] for r in rows]),
+        (parquet, listed(parquet), [r["t"] for r in rows]),
+        (texts, listed(*sorted(texts.iterdir())), [r["t"] for r in rows[:40]]),
     ):
         source = SourceNode(
             kind="files", path=str(path), text_column="text" if path == texts else "t"
@@ -323,6 +330,25 @@ def test_worker_blocks_of_json_lines_parquet_and_text_hold_every_row_once(tmp_pa
             assert len(plan) == 1
         elif limit == 1:  # a block a JSON line at most (a byte), a row group, a file
             assert len(plan) >= {jsonl: 120, parquet: 14, texts: 40}[path]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 64])
+def test_ranged_line_reads_give_each_line_once_to_the_range_it_starts_in(chunk):
+    """The JSON-lines block reader reads by ranges (a bucket object as a local file): for
+    every cut of a file into ranges, each line comes once, from the range holding its first
+    byte, with its offset, whatever the read size."""
+    import io
+
+    from pipeline.data.reading import _lines
+
+    data = b"ab\n\ncdef\ng\n\n\nhij"  # empty lines, and no newline at the end
+    starts = [0] + [i + 1 for i, c in enumerate(data) if c == ord("\n")]
+    expected = [(a, data[a:b]) for a, b in zip(starts, [*starts[1:], len(data)], strict=True)]
+    for cut in range(len(data) + 2):
+        got = list(_lines(io.BytesIO(data), 0, cut, chunk)) + list(
+            _lines(io.BytesIO(data), cut, None, chunk)
+        )
+        assert got == expected, cut
 
 
 def test_worker_read_sources_give_the_driver_readers_tokenizer_and_counts(

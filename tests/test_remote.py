@@ -1,6 +1,6 @@
-"""Preprocessed data in object storage: preprocessing writes to s3:// or gs:// and training
-reads it, against real server processes (tests/object_stores.py: moto's S3-compatible
-server, a Google Cloud Storage emulator)."""
+"""Preprocessed data in object storage: preprocessing's workers read sources from s3:// or
+gs:// and write shards there, and training reads them, against real server processes
+(tests/object_stores.py: moto's S3-compatible server, a Google Cloud Storage emulator)."""
 
 from __future__ import annotations
 
@@ -60,12 +60,17 @@ def store(request, monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def ray_local(s3_env, gcs_env):
+    """A local Ray whose workers read and write the buckets: each node's credentials and
+    endpoints come from its own environment, as on a cluster."""
     import ray
 
     from pipeline.runtime import stop_local_ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in {**s3_env, **gcs_env}.items():
+            env.setenv(key, value)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     stop_local_ray()
 
@@ -114,12 +119,14 @@ def test_preprocess_to_a_bucket_gives_the_local_output_and_training_reads_it_bac
     messages: list[str] = []
     up = preprocess(node, uri, messages)
     assert not up["cache_hit"] and up["fingerprint"] == local["fingerprint"]
-    assert f"wrote {uri}" in messages
+    assert any(m.startswith(f"wrote {uri}: ") for m in messages)
+    # the workers uploaded the shards; this machine wrote none of them
+    assert up["driver"]["nodes"] and not remote.mirror_dir(uri).exists()
 
     stored = objects(fs, "data/demo")
     folder = tmp_path / "local"
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    assert sorted(stored) == files  # manifest, tokenizer and every shard; nothing else
+    assert sorted(stored) == files  # manifest, tokenizer and every shard; no staged object
     for name in files:
         if name != "manifest.json":
             assert stored[name] == (tmp_path / "local" / name).read_bytes(), name
@@ -154,38 +161,56 @@ def test_a_corrupt_remote_shard_is_named_and_never_read(s3, ray_local, tmp_path)
     assert not (remote.mirror_dir(uri) / "manifest.json").exists()
 
 
-def test_an_upload_cut_short_leaves_no_manifest_and_the_next_run_only_uploads(
+def test_a_failed_run_leaves_the_old_output_and_a_publish_cut_short_leaves_no_manifest(
     s3, ray_local, tmp_path, monkeypatch
 ):
     first = data_node(write_corpus(tmp_path / "a", n=60))
     uri = f"s3://{BUCKET}/data/cut"
     old = preprocess(first, uri)
+    before = objects(s3, "data/cut")
+
+    # bad input found by a worker: the old output stands as it was, nothing staged is left
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a first document"}\n{"text": oops}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl: cannot read as json: line at byte 29"):
+        preprocess(data_node(str(bad)), uri)
+    assert objects(s3, "data/cut") == before
+
+    # the connection drops while the driver publishes, after the old manifest went
     second = data_node(write_corpus(tmp_path / "b", n=200))  # more documents, more shards
+    opened = remote._filesystem
+    copies: list[str] = []
 
-    put = remote._put
-    calls = []
+    class Dropping:
+        def __init__(self, fs):
+            self.fs = fs
 
-    def failing_put(fs, source, path):  # the connection drops after two files
-        calls.append(path)
-        if len(calls) == 3:
-            raise OSError("connection reset by peer")
-        put(fs, source, path)
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
 
-    monkeypatch.setattr(remote, "_put", failing_put)
-    with pytest.raises(DataError, match=f"{uri}: cannot upload: connection reset by peer"):
+        def copy_file(self, src, dst):
+            copies.append(dst)
+            if len(copies) == 3:
+                raise OSError("connection reset by peer")
+            self.fs.copy_file(src, dst)
+
+    def dropping(uri):
+        fs, path = opened(uri)
+        return Dropping(fs), path
+
+    monkeypatch.setattr(remote, "_filesystem", dropping)
+    with pytest.raises(DataError, match=f"{uri}: cannot publish: connection reset by peer"):
         preprocess(second, uri)
-    # the old manifest went first: no reader takes a mix of the two runs for an output
+    # no reader takes a mix of the two runs for an output
     assert "manifest.json" not in objects(s3, "data/cut")
     with pytest.raises(DataError, match="no manifest"):
         remote.local_copy(uri)
 
-    monkeypatch.setattr(remote, "_put", put)
-    messages: list[str] = []
-    new = preprocess(second, uri, messages)  # the mirror holds the finished run: upload only
-    assert not any("tokenizing" in m for m in messages) and f"wrote {uri}" in messages
+    monkeypatch.setattr(remote, "_filesystem", opened)
+    new = preprocess(second, uri)  # redone whole
     stored = objects(s3, "data/cut")
     listed = {e["file"] for s in new["splits"].values() for e in s["shards"]}
-    assert set(stored) == listed | {"manifest.json", "tokenizer.json"}
+    assert set(stored) == listed | {"manifest.json", "tokenizer.json"}  # nothing stale
     assert len(listed) > sum(len(s["shards"]) for s in old["splits"].values())
     assert json.loads(stored["manifest.json"])["fingerprint"] == new["fingerprint"]
 
@@ -201,18 +226,21 @@ def test_a_source_in_the_bucket_gives_the_shards_of_the_same_files_read_locally(
     with s3.open_output_stream(f"{BUCKET}/corpus/part/notes.md") as f:
         f.write(b"not matched by the glob")
     local = preprocess(data_node(glob), tmp_path / "local")
-    fetched = preprocess(data_node(f"s3://{BUCKET}/corpus/**/*.txt"), tmp_path / "remote")
+    read = preprocess(data_node(f"s3://{BUCKET}/corpus/**/*.txt"), tmp_path / "remote")
 
     def shards(manifest):
         return [(e["file"], e["sha256"]) for s in manifest["splits"].values() for e in s["shards"]]
 
-    assert shards(fetched) == shards(local) and fetched["counts"] == local["counts"]
-    # unchanged objects are not fetched again, and a second run is a cache hit
-    copies = sorted(remote.mirror_dir(f"s3://{BUCKET}/corpus/part").iterdir())
-    assert [p.name for p in copies] == sorted(p.name for p in folder.iterdir())
-    before = [p.stat().st_ino for p in copies]
+    assert shards(read) == shards(local) and read["counts"] == local["counts"]
+    # the workers read the objects: none of them came to this machine
+    assert read["driver"]["input_bytes_out"] == 0
+    assert not remote.mirror_dir(f"s3://{BUCKET}/corpus").exists()
     assert preprocess(data_node(f"s3://{BUCKET}/corpus/**/*.txt"), tmp_path / "remote")["cache_hit"]
-    assert [p.stat().st_ino for p in copies] == before
+    # an object written again is a new source: the cache misses
+    with s3.open_output_stream(f"{BUCKET}/corpus/part/{sorted(folder.iterdir())[0].name}") as f:
+        f.write(b"a changed document in the bucket")
+    again = preprocess(data_node(f"s3://{BUCKET}/corpus/**/*.txt"), tmp_path / "remote")
+    assert not again["cache_hit"] and again["fingerprint"] != read["fingerprint"]
     with pytest.raises(DataError, match=f"s3://{BUCKET}/corpus/none-\\*.txt: no such file"):
         preprocess(data_node(f"s3://{BUCKET}/corpus/none-*.txt"), tmp_path / "none")
 
@@ -285,7 +313,7 @@ def test_jobs_on_s3_data_preprocess_train_and_export_on_different_machines(s3, r
     data = load_spec(ROOT / "jobs" / "decoder-tiny.yaml", spec).data
     messages: list[str] = []
     preprocess(data, uri, messages)
-    assert f"wrote {uri}" in messages
+    assert any(m.startswith(f"wrote {uri}: ") for m in messages)
     assert not (tmp_path / "work" / "data").exists()  # the data lives in the bucket
 
     run = attnpipe("run", "jobs/decoder-tiny.yaml", "job.kind=train", *spec, machine="b")

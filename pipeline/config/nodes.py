@@ -61,8 +61,8 @@ class SourceNode(_Node):
     streaming: bool = Field(
         False,
         description="Load with datasets' streaming mode instead of loading it whole (a hub "
-        "dataset, or files read on the driver: csv, a JSON array, a bucket's files); local "
-        "JSON lines, parquet and text files are read by the workers, a block each",
+        "dataset, or files read on the driver: csv, a JSON array); JSON lines, parquet and "
+        "text files, local or in a bucket, are read by the workers, a block each",
     )
     documents: Literal["scenes", "plays"] = Field(
         "scenes",

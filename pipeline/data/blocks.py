@@ -13,12 +13,16 @@ The driver decides deduplication on those keys (first occurrence in (source, blo
 index) order) and sends back which documents stay. Pass 2, `write_block`, runs where the
 tokens are: it splits the block's kept documents by content hash, makes the copies a
 source's weight asks for (also by hash), packs each (split, copy) into samples and writes
-its shards, named from (split, copy, source, block, k). It returns their records and the
-block's counts; the driver writes the manifest last from those records.
+its shards, named from (split, copy, source, block, k), into the output folder or, for
+an output in a bucket, into the run's staging prefix there (each shard written to a
+local temporary file, then uploaded). It returns their records and the block's counts;
+the driver writes the manifest last from those records.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data import remote
 from pipeline.data import text as stages
 from pipeline.data.reading import FileBlock, read_block
 from pipeline.data.shards import join_documents, pack_pairs, samples_of, write_shard
@@ -139,11 +144,11 @@ def write_block(
     pack: dict[str, Any],
 ) -> dict[str, Any]:
     """Write the shards of one block's kept documents (`keep`, one bool a document; the
-    block's documents numbered from `first`). Returns {"shards": records, "counts"}: a
-    record is a manifest entry (file, samples, sha256) plus split, copy, source, block, k
-    and the Ray node that wrote it; counts per split are documents (every copy),
-    predicted tokens and bytes (every copy, for bits per byte), and the block's tokens
-    (each kept document once)."""
+    block's documents numbered from `first`) under `out_dir`, a folder or a URI. Returns
+    {"shards": records, "counts"}: a record is a manifest entry (file, samples, sha256)
+    plus split, copy, source, block, k and the Ray node that wrote it; counts per split
+    are documents (every copy), predicted tokens and bytes (every copy, for bits per
+    byte), and the block's tokens (each kept document once)."""
     _fault("write", block)
     hashes = encoded.column("hash").to_pylist()
     whole, frac = divmod(weight, 1.0)
@@ -154,34 +159,44 @@ def write_block(
     node = _node_id()
     records: list[dict[str, Any]] = []
     counts: dict[str, Any] = {"tokens": 0}
-    for split, in_split in (("train", ~val), ("val", val)):
-        rows = np.flatnonzero(keep & in_split)
-        split_counts = {"documents": 0, "predicted_tokens": 0, "bytes": 0}
-        counts[split] = split_counts
-        if not rows.size:
-            continue
-        parts = []  # (lengths, values) of each token column, the kept rows only
-        for column in columns:
-            lists = encoded.column(column).take(rows).combine_chunks()
-            parts.append((lists.value_lengths().to_numpy(), lists.flatten().to_numpy()))
-            counts["tokens"] += int(parts[-1][1].size)
-        doc_ids = (first + rows).astype(np.uint32)
-        for copy in range(int(copies[rows].max())):
-            chosen = copies[rows] > copy
-            selected = [_select(lengths, values, chosen) for lengths, values in parts]
-            split_counts["documents"] += int(chosen.sum())
-            # the last column is the predicted one; a document's end token is predicted too
-            split_counts["predicted_tokens"] += int((selected[-1][0] + 1).sum())
-            split_counts["bytes"] += int(sizes[rows[chosen]].sum())
-            samples = _pack(doc_ids[chosen], selected, pack)
-            per = pack["samples_per_shard"]
-            for k, start in enumerate(range(0, len(samples), per)):
-                name = f"c{copy:03d}-s{source:03d}-b{block:07d}-{k:04d}"
-                entry = write_shard(Path(out_dir), split, name, samples[start : start + per])
-                records.append(
-                    {**entry, "split": split, "copy": copy, "source": source, "block": block,
-                     "k": k, "node": node}
-                )  # fmt: skip
+    uri = out_dir if remote.is_uri(out_dir) else None
+    # a shard for a bucket is written to a local file first, then uploaded
+    folder = Path(tempfile.mkdtemp(prefix="attnpipe-shards-") if uri else out_dir)
+    try:
+        for split, in_split in (("train", ~val), ("val", val)):
+            rows = np.flatnonzero(keep & in_split)
+            split_counts = {"documents": 0, "predicted_tokens": 0, "bytes": 0}
+            counts[split] = split_counts
+            if not rows.size:
+                continue
+            parts = []  # (lengths, values) of each token column, the kept rows only
+            for column in columns:
+                lists = encoded.column(column).take(rows).combine_chunks()
+                parts.append((lists.value_lengths().to_numpy(), lists.flatten().to_numpy()))
+                counts["tokens"] += int(parts[-1][1].size)
+            doc_ids = (first + rows).astype(np.uint32)
+            for copy in range(int(copies[rows].max())):
+                chosen = copies[rows] > copy
+                selected = [_select(lengths, values, chosen) for lengths, values in parts]
+                split_counts["documents"] += int(chosen.sum())
+                # the last column is the predicted one; a document's end token is too
+                split_counts["predicted_tokens"] += int((selected[-1][0] + 1).sum())
+                split_counts["bytes"] += int(sizes[rows[chosen]].sum())
+                samples = _pack(doc_ids[chosen], selected, pack)
+                per = pack["samples_per_shard"]
+                for k, start in enumerate(range(0, len(samples), per)):
+                    name = f"c{copy:03d}-s{source:03d}-b{block:07d}-{k:04d}"
+                    entry = write_shard(folder, split, name, samples[start : start + per])
+                    if uri:
+                        remote.put_file(folder / entry["file"], remote.join(uri, entry["file"]))
+                        (folder / entry["file"]).unlink()
+                    records.append(
+                        {**entry, "split": split, "copy": copy, "source": source,
+                         "block": block, "k": k, "node": node}
+                    )  # fmt: skip
+    finally:
+        if uri:
+            shutil.rmtree(folder, ignore_errors=True)
     return {"shards": records, "counts": counts}
 
 

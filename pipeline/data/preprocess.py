@@ -13,21 +13,24 @@ shards' records. Nothing depends on the parallelism: the output is byte-identica
 CPU or a cluster. A run whose fingerprint matches the manifest already in the output
 folder is a cache hit and does nothing.
 
-What still passes through the driver (docs/data.md): reading the sources (it puts each
-input block into the object store), training a tokenizer, and the set of content keys
-for deduplication. An output URI (s3://, gs://) is written in the driver's local mirror
-folder, so the driver runs pass 2 itself there, then uploads it (pipeline.data.remote);
-a local output folder must be one every node mounts.
+Files, local or in a bucket, are read by the workers themselves (pipeline/data/reading.py).
+What still passes through the driver (docs/data.md): the sources it reads itself (the
+demo corpus, hub datasets, csv, JSON arrays: it puts each of their blocks into the
+object store), and the set of content keys for deduplication. Workers write the shards:
+into a local output folder, which on a cluster must be one every node mounts, or into a
+bucket output's staging prefix, which the driver publishes, the manifest last.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import os
 import pickle
 import shutil
+import tempfile
 import time
 import zlib
 from collections import deque
@@ -177,31 +180,20 @@ def preprocess(
     `parallelism`: the CPUs to tokenize on (default: all of the Ray cluster's)."""
     cpu_started = time.process_time()  # the driver's CPU, listing and hashing the sources too
     uri = str(out_dir) if remote.is_uri(out_dir) else None
-    out = remote.mirror_dir(uri) if uri else Path(out_dir)
-    # each source's files listed (or fetched) once, then hashed, then read from the same list
+    # each source's files listed once, then fingerprinted, then read from the same list
     files = [source_files(s) if s.kind == "files" else None for s in data.sources]
     source_fps = [source_fingerprint(s, f) for s, f in zip(data.sources, files, strict=True)]
     fp = fingerprint(data, vocab_size, paired, source_fps)
     if uri is None:
-        manifest = _holding(out, fp)
-        if manifest:
-            progress(f"cache hit: {out} already holds this data ({fp[:12]})")
-            return {**manifest, "cache_hit": True}
-        return _run(data, out, fp, files, source_fps, vocab_size, paired, parallelism, progress,
-                    cpu_started)  # fmt: skip
-    manifest = remote.read_remote_manifest(uri)
-    if manifest and manifest.get("fingerprint") == fp:
-        progress(f"cache hit: {uri} already holds this data ({fp[:12]})")
+        manifest = _holding(Path(out_dir), fp)
+    else:
+        manifest = remote.read_remote_manifest(uri)
+        manifest = manifest if manifest and manifest.get("fingerprint") == fp else None
+    if manifest:
+        progress(f"cache hit: {out_dir} already holds this data ({fp[:12]})")
         return {**manifest, "cache_hit": True}
-    # An earlier run whose upload failed left the output complete in the mirror: upload it.
-    manifest = _holding(out, fp) or _run(
-        data, out, fp, files, source_fps, vocab_size, paired, parallelism, progress,
-        cpu_started, on_driver=True,
-    )  # fmt: skip
-    progress(f"uploading to {uri}")
-    remote.upload(out, uri, manifest)
-    progress(f"wrote {uri}")
-    return {**manifest, "cache_hit": False}
+    return _run(data, out_dir, fp, files, source_fps, vocab_size, paired, parallelism, progress,
+                cpu_started)  # fmt: skip
 
 
 def _holding(out: Path, fp: str) -> dict[str, Any] | None:
@@ -215,9 +207,83 @@ def _holding(out: Path, fp: str) -> dict[str, Any] | None:
     return manifest if manifest.get("fingerprint") == fp else None
 
 
+class _Folder:
+    """A local output folder: everything is written under `<out>/.staging` and moved into
+    place at the end, the manifest last, so a failed or interrupted run leaves the
+    previous output as it was."""
+
+    def __init__(self, out: Path) -> None:
+        self.name = str(out)
+        self.out = out
+        self.local = out / ".staging"  # the driver's files (the tokenizer)
+        if self.local.exists():
+            shutil.rmtree(self.local)
+        self.local.mkdir(parents=True)
+        self.target = str(self.local.resolve())  # where pass 2 writes the shards
+
+    def check(self, records: list[dict[str, Any]]) -> None:
+        """Every shard is where this process can see it."""
+        for r in records:
+            if not (self.local / r["file"]).is_file():
+                raise DataError(
+                    f"{self.out}: shard {r['file']} written on Ray node {r['node']} is not "
+                    "here: on a cluster the output folder must be one every node mounts "
+                    "(or a bucket URI)"
+                )
+
+    def publish(self, manifest: dict[str, Any]) -> None:
+        """Move the run's files into place, the old manifest gone first so that no reader
+        takes a mix of old and new for a complete output; the new one written last."""
+        (self.out / "manifest.json").unlink(missing_ok=True)
+        for name in ("train", "val", "tokenizer.json"):
+            target = self.out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            if (self.local / name).exists():
+                os.replace(self.local / name, target)
+        shutil.rmtree(self.local)
+        write_json(self.out / "manifest.json", manifest)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.local, ignore_errors=True)
+
+
+class _Bucket:
+    """An output in a bucket: workers upload the shards under `<uri>/.staging/`; at the
+    end the driver uploads the tokenizer there and publishes it all, copied within the
+    storage, the manifest last (pipeline.data.remote.publish). A failed run leaves the
+    previous output as it was; the next run empties the staging prefix first."""
+
+    def __init__(self, uri: str) -> None:
+        self.name = self.uri = uri
+        self.target = remote.join(uri, ".staging")
+        remote.clear(self.target)  # what a run cut short left there
+        self.local = Path(tempfile.mkdtemp(prefix="attnpipe-preprocess-"))
+
+    def check(self, records: list[dict[str, Any]]) -> None:
+        staged = remote.staged_files(self.target)
+        for r in records:
+            if r["file"] not in staged:
+                raise DataError(f"{self.uri}: shard {r['file']} from node {r['node']} is missing")
+
+    def publish(self, manifest: dict[str, Any]) -> None:
+        try:
+            tokenizer = self.local / "tokenizer.json"
+            remote.put_file(tokenizer, remote.join(self.target, "tokenizer.json"))
+            write_json(self.local / "manifest.json", manifest)
+            remote.publish(self.target, self.uri, manifest, self.local / "manifest.json")
+        finally:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.local, ignore_errors=True)
+        with contextlib.suppress(DataError):  # out of reach: the next run empties it
+            remote.clear(self.target)
+
+
 def _run(
     data: DataNode,
-    out: Path,
+    out_dir: str | Path,
     fp: str,
     files: list[list[tuple[str, Path]] | None],
     source_fps: list[str],
@@ -226,7 +292,6 @@ def _run(
     parallelism: int | None,
     progress: Progress,
     cpu_started: float,
-    on_driver: bool = False,
 ) -> dict[str, Any]:
     import ray
 
@@ -251,22 +316,18 @@ def _run(
             replaced += invalid_utf8_replaced(hf)
         inputs.append(plan if plan is not None else hf)
 
-    # Everything is written under a staging folder and moved into place at the end, the
-    # manifest last: a failed or interrupted run leaves the previous output as it was.
-    staging = out / ".staging"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
     driver = _Driver(data.dedup)
+    uri = str(out_dir) if remote.is_uri(out_dir) else None
+    output = _Bucket(uri) if uri else _Folder(Path(out_dir))
     try:
         tok = _tokenizer(data, inputs, paired, vocab_size, progress, driver)
-        tok.save(str(staging / "tokenizer.json"))
+        tok.save(str(output.local / "tokenizer.json"))
         specials = special_ids(tok)
         tok_digest = tokenizer_hash(tok)
         # once, compressed (a fifth of the JSON); every pass-1 task of the run reads it
         tokenizer = driver.put(zlib.compress(tok.to_str().encode(), 6))
         pack = _packing(data, paired, specials)
-        folder = str(staging.resolve())
+        folder = output.target
         sized = all(hasattr(i, "__len__") and not isinstance(i, list) for i in inputs)
         total = sum(len(i) for i in inputs) if sized else None  # a dataset in memory
         progress(f"cleaning and tokenizing {total or 'the'} documents on {parallelism} CPUs")
@@ -279,10 +340,7 @@ def _run(
             keep, first = driver.decide(driver.get(keys))
             weight = data.sources[source].weight
             args = (keep, first, source, block, weight, data.val_fraction, folder, pack)
-            if on_driver:  # the output is this machine's mirror of a URI: written here
-                writes.append(blocks.write_block(driver.get(encoded), *args))
-            else:
-                writes.append(driver.call(write, encoded, *args))
+            writes.append(driver.call(write, encoded, *args))
 
         for source, item in enumerate(inputs):
             read_here = not isinstance(item, list)
@@ -309,40 +367,39 @@ def _run(
                 + ", ".join(f"{k}={driver.dropped[k]}" for k in stages.FILTER_REASONS)
             )
         progress(f"writing the shards of {len(writes)} blocks")
-        written = writes if on_driver else driver.get(writes)
-        splits = _splits(written, staging)
-        _publish(staging, out)
+        written = driver.get(writes)
+        output.check([r for w in written for r in w["shards"]])
+        tokens = sum(w["counts"]["tokens"] for w in written)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": fp,
+            "paired": paired,
+            "seq_len": data.seq_len,
+            "max_source_len": data.max_source_len or data.seq_len if paired else None,
+            "max_target_len": data.max_target_len or data.seq_len if paired else None,
+            "vocab_size": tok.get_vocab_size(),
+            "special_ids": specials,
+            "tokenizer_sha256": tok_digest,
+            "sources": [
+                {**s.model_dump(mode="json"), "fingerprint": f}
+                for s, f in zip(data.sources, source_fps, strict=True)
+            ],
+            "config": json.loads(data.model_dump_json()),
+            "counts": {
+                "documents_in": driver.documents_in,
+                "documents_out": documents_out,
+                "dropped": driver.dropped,
+                "tokens": tokens,
+                "invalid_utf8_replaced": replaced + driver.replaced,
+            },
+            "splits": _splits(written),
+        }
+        output.publish(manifest)  # the manifest last: the output is complete from then on
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        output.discard()
         raise
     seconds = time.perf_counter() - started
-    tokens = sum(w["counts"]["tokens"] for w in written)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "fingerprint": fp,
-        "paired": paired,
-        "seq_len": data.seq_len,
-        "max_source_len": data.max_source_len or data.seq_len if paired else None,
-        "max_target_len": data.max_target_len or data.seq_len if paired else None,
-        "vocab_size": tok.get_vocab_size(),
-        "special_ids": specials,
-        "tokenizer_sha256": tok_digest,
-        "sources": [
-            {**s.model_dump(mode="json"), "fingerprint": f}
-            for s, f in zip(data.sources, source_fps, strict=True)
-        ],
-        "config": json.loads(data.model_dump_json()),
-        "counts": {
-            "documents_in": driver.documents_in,
-            "documents_out": documents_out,
-            "dropped": driver.dropped,
-            "tokens": tokens,
-            "invalid_utf8_replaced": replaced + driver.replaced,
-        },
-        "splits": splits,
-    }
-    write_json(out / "manifest.json", manifest)  # last: the output is complete from now on
-    progress(f"wrote {out}: {tokens} tokens in {seconds:.1f} s")
+    progress(f"wrote {output.name}: {tokens} tokens in {seconds:.1f} s")
     return {
         **manifest,
         "cache_hit": False,
@@ -373,23 +430,15 @@ def _packing(data: DataNode, paired: bool, specials: dict[str, int]) -> dict[str
     }
 
 
-def _splits(written: list[dict[str, Any]], staging: Path) -> dict[str, Any]:
+def _splits(written: list[dict[str, Any]]) -> dict[str, Any]:
     """The manifest's splits from pass 2's records: each split's shards in (copy, source,
-    block, k) order, and its counts. A shard this process cannot see was written on
-    another node into a folder that is not shared."""
+    block, k) order, and its counts."""
     splits = {}
     for split in ("train", "val"):
         records = sorted(
             (r for w in written for r in w["shards"] if r["split"] == split),
             key=lambda r: (r["copy"], r["source"], r["block"], r["k"]),
         )
-        for r in records:
-            if not (staging / r["file"]).is_file():
-                raise DataError(
-                    f"{staging.parent}: shard {r['file']} written on Ray node {r['node']} is "
-                    "not here: on a cluster the output folder must be one every node mounts "
-                    "(or a bucket URI)"
-                )
         counts = {
             key: sum(w["counts"][split][key] for w in written)
             for key in ("documents", "predicted_tokens", "bytes")
@@ -402,19 +451,6 @@ def _splits(written: list[dict[str, Any]], staging: Path) -> dict[str, Any]:
             "shards": [{k: r[k] for k in ("file", "samples", "sha256")} for r in records],
         }
     return splits
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Move a finished run's files from the staging folder into `out`, the old manifest
-    gone first so that no reader takes a mix of old and new for a complete output."""
-    (out / "manifest.json").unlink(missing_ok=True)
-    for name in ("train", "val", "tokenizer.json"):
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        if (staging / name).exists():
-            os.replace(staging / name, target)
-    shutil.rmtree(staging)
 
 
 def _tokenizer(

@@ -8,10 +8,12 @@ driver.
 - Parquet: consecutive row groups, until their uncompressed size reaches BLOCK bytes.
 - Text: whole files (one document each), consecutive ones until their size reaches BLOCK.
 
-CSV (a quoted field may hold a newline) and a `.json` file holding one array are read on
-the driver through Hugging Face `datasets`, as are the demo corpus, hub datasets, and files
-in a bucket (which the driver fetches into its local mirror). On a cluster, local files
-must be on a mount every node sees.
+Files in a bucket (s3://, gs://) are cut the same way, from the bucket's listing (and a
+parquet file's footer), and each task reads its byte range or row groups from the bucket
+itself. CSV (a quoted field may hold a newline) and a `.json` file holding one array are
+read on the driver through Hugging Face `datasets` (from the driver's local mirror, for a
+bucket), as are the demo corpus and hub datasets. On a cluster, local files must be on a
+mount every node sees, and every node needs the bucket's credentials in its environment.
 """
 
 from __future__ import annotations
@@ -20,12 +22,23 @@ import codecs
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pipeline.config import SourceNode
+from pipeline.data.remote import is_uri, open_input
 from pipeline.errors import DataError
 
 FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class SourceFile(NamedTuple):
+    """One file of a `files` source: its name (a local path, or a URI that workers read
+    the object at), its size, and a bucket object's modification time (None for a local
+    file, which is known by its content)."""
+
+    name: str
+    size: int
+    mtime_ns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -41,25 +54,23 @@ class FileBlock:
     columns: tuple[tuple[str, str], ...]
 
 
-def file_format(source: SourceNode, found: list[tuple[str, Path]]) -> str:
-    fmt = source.format or FORMATS.get(Path(found[0][0]).suffix.lower())
+def file_format(source: SourceNode, found: list[SourceFile]) -> str:
+    fmt = source.format or FORMATS.get(Path(found[0].name).suffix.lower())
     if fmt is None:
-        raise DataError(f"{found[0][0]}: unknown format; set data.sources[].format")
+        raise DataError(f"{found[0].name}: unknown format; set data.sources[].format")
     return "json" if fmt == "jsonl" else fmt
 
 
 def plan_blocks(
-    source: SourceNode, found: list[tuple[str, Path]], paired: bool, limit: int
+    source: SourceNode, found: list[SourceFile], paired: bool, limit: int
 ) -> list[FileBlock] | None:
-    """The blocks workers read of a `files` source whose files are `found` (name, local
-    path), or None where the driver reads it (csv, a JSON array). Checks the columns the
-    way the driver's reader does: one line naming the source and the columns it has."""
-    from pipeline.data.remote import is_uri
-
+    """The blocks workers read of a `files` source whose files are `found`, or None where
+    the driver reads it (csv, a JSON array). Checks the columns the way the driver's
+    reader does: one line naming the source and the columns it has."""
     fmt = file_format(source, found)
-    paths = [str(local) for _, local in found]
-    if is_uri(found[0][0]) or fmt == "csv" or (fmt == "json" and _json_array(paths[0])):
-        return None  # a bucket's objects are in this machine's mirror
+    paths = [f.name for f in found]
+    if fmt == "csv" or (fmt == "json" and _json_array(paths[0])):
+        return None
     wanted = {source.text_column: "text"}
     if paired:
         if source.target_column is None:
@@ -73,12 +84,11 @@ def plan_blocks(
     if fmt == "text":
         return [
             FileBlock("text", tuple(group), 0, 0, columns)
-            for group in _greedy(paths, [Path(p).stat().st_size for p in paths], limit)
+            for group in _greedy(paths, [f.size for f in found], limit)
         ]
     out = []
-    for path in paths:
+    for path, size, _ in found:
         if fmt == "json":
-            size = Path(path).stat().st_size
             out += [
                 FileBlock("json", (path,), a, min(a + limit, size), columns)
                 for a in range(0, size, limit)
@@ -86,7 +96,8 @@ def plan_blocks(
         else:
             import pyarrow.parquet as pq
 
-            meta = pq.ParquetFile(path).metadata
+            with open_input(path) as f:
+                meta = pq.ParquetFile(f).metadata
             sizes = [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
             start = 0
             for group in _greedy(list(range(len(sizes))), sizes, limit):
@@ -110,7 +121,7 @@ def _greedy(items: list[Any], sizes: list[int], limit: int) -> list[list[Any]]:
 
 def _json_array(path: str) -> bool:
     """Whether a .json file holds one JSON array rather than an object a line."""
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         head = f.read(4096).lstrip()
     return head.startswith(b"[")
 
@@ -123,13 +134,41 @@ def _columns(fmt: str, path: str) -> list[str] | None:
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        return list(pq.read_schema(path).names)
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
+        with open_input(path) as f:
+            return list(pq.ParquetFile(f).schema_arrow.names)
+    with open_input(path) as f:
+        for at, line in _lines(f, 0, None):
             if line.strip():
-                row = _json_line(line, path, number)
-                return list(row)
+                return list(_json_line(line, path, f"at byte {at}"))
     return None
+
+
+def _lines(f: Any, start: int, stop: int | None, chunk: int = 1 << 18) -> Any:
+    """(offset, line) of each line of `f` that starts in [start, stop) (stop None: to the
+    end), the last one read on past `stop` to its end. Ranged reads only, so a bucket
+    object is read like a local file."""
+    at = max(start - 1, 0)  # the file offset of buffer[0]
+    f.seek(at)
+    buffer = f.read(chunk if stop is None else max(stop - at, 1))
+    pos = 0  # where the next line starts in buffer
+    skip = start > 0  # the line holding byte start-1 is the block before's
+    while True:
+        cut = buffer.find(b"\n", pos)
+        if cut < 0:
+            more = f.read(chunk)
+            if more:  # a line goes on past what was read
+                buffer, at, pos = buffer[pos:] + more, at + pos, 0
+                continue
+            cut = len(buffer) - 1  # the last line, with no newline
+            if pos > cut:
+                return
+        line, offset, pos = buffer[pos : cut + 1], at + pos, cut + 1
+        if skip:
+            skip = False
+        elif stop is not None and offset >= stop:
+            return
+        else:
+            yield offset, line
 
 
 def _json_line(line: bytes, path: str, where: int | str) -> dict[str, Any]:
@@ -143,8 +182,10 @@ def _json_line(line: bytes, path: str, where: int | str) -> dict[str, Any]:
 
 
 def read_text(path: str) -> tuple[str, int]:
-    """A text file as one document, invalid UTF-8 replaced (U+FFFD); the replacements."""
-    raw = Path(path).read_bytes()
+    """A text file (a local path or a URI) as one document, invalid UTF-8 replaced
+    (U+FFFD); the replacements."""
+    with open_input(path) as f:
+        raw = f.read()
     text = codecs.getincrementaldecoder("utf-8")("replace").decode(raw, final=True)
     return text, text.count("\ufffd") - raw.decode("utf-8", "ignore").count("\ufffd")
 
@@ -156,6 +197,8 @@ def read_block(block: FileBlock) -> tuple[Any, int]:
     except FileNotFoundError as exc:
         import ray
 
+        if is_uri(block.paths[0]):
+            raise DataError(f"{block.paths[0]}: the object is gone since it was listed") from None
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "-"
         raise DataError(
             f"{exc.filename}: no such file on Ray node {node}: on a cluster, a files "
@@ -177,21 +220,15 @@ def _read(block: FileBlock) -> tuple[Any, int]:
         import pyarrow.parquet as pq
 
         names = [column for column, _ in block.columns]
-        table = pq.ParquetFile(block.paths[0]).read_row_groups(
-            list(range(block.start, block.stop)), columns=names
-        )
+        with open_input(block.paths[0]) as f:
+            table = pq.ParquetFile(f).read_row_groups(
+                list(range(block.start, block.stop)), columns=names
+            )
         return table.rename_columns([name for _, name in block.columns]), 0
     else:
         path = block.paths[0]
-        with open(path, "rb") as f:
-            f.seek(max(block.start - 1, 0))
-            if block.start > 0:
-                f.readline()  # the line that started before this range is the last block's
-            while f.tell() < block.stop:
-                at = f.tell()
-                line = f.readline()
-                if not line:
-                    break
+        with open_input(path) as f:
+            for at, line in _lines(f, block.start, block.stop):
                 if line.strip():
                     row = _json_line(line, path, f"at byte {at}")
                     for column, name in block.columns:

@@ -1,10 +1,12 @@
 """Preprocessed data in object storage (s3://, gs://), through pyarrow's filesystems.
 
 A preprocessed output has the same layout under a URI as in a folder: `manifest.json`,
-`tokenizer.json`, `train/` and `val/` shards. Preprocessing writes it in a local mirror
-folder first (staged, as for a local output), then uploads: the old manifest is deleted
-first, the shards and the tokenizer go up, stale shards of an earlier run are deleted, and
-the manifest goes up last, so a reader never takes a mix of two runs for a complete output.
+`tokenizer.json`, `train/` and `val/` shards. Preprocessing's workers upload the shards
+they write under the URI's staging prefix (`.staging/`); when all are there the driver
+publishes them (`publish`): the old manifest is deleted first, the staged objects are
+copied into place within the storage, stale shards of an earlier run are deleted, and the
+manifest goes up last, so a reader never takes a mix of two runs for a complete output.
+Workers read a bucket's source files themselves, by ranges (`open_input`).
 Training memory-maps shards, so every node that reads a URI keeps a local mirror of it
 (`$ATTNPIPE_CACHE`, default `~/.cache/attnpipe`) and downloads only the files whose
 checksum differs from the manifest's.
@@ -118,31 +120,6 @@ def read_remote_manifest(uri: str) -> dict[str, Any] | None:
         raise DataError(f"{join(uri, MANIFEST)}: corrupt manifest") from None
 
 
-def upload(local: Path, uri: str, manifest: dict[str, Any]) -> None:
-    """Put the complete output in `local` at `uri`; the manifest first removed, then
-    written last."""
-    import pyarrow.fs as pafs
-
-    fs, root = _filesystem(uri)
-    files = [TOKENIZER] + [e["file"] for s in manifest["splits"].values() for e in s["shards"]]
-    try:
-        if fs.get_file_info(f"{root}/{MANIFEST}").type == pafs.FileType.File:
-            fs.delete_file(f"{root}/{MANIFEST}")
-        for name in files:
-            _put(fs, local / name, f"{root}/{name}")
-        keep = {f"{root}/{name}" for name in files}
-        for split in ("train", "val"):
-            listing = fs.get_file_info(pafs.FileSelector(f"{root}/{split}", allow_not_found=True))
-            for info in listing:
-                if info.type == pafs.FileType.File and info.path not in keep:
-                    fs.delete_file(info.path)  # a shard of an earlier, larger run
-        _put(fs, local / MANIFEST, f"{root}/{MANIFEST}")
-    except DataError:
-        raise
-    except Exception as exc:
-        raise _fail(uri, "upload", exc) from None
-
-
 def _put(fs: Any, source: Path, path: str) -> None:
     with source.open("rb") as src, fs.open_output_stream(path) as dst:
         for chunk in iter(lambda: src.read(CHUNK), b""):
@@ -219,9 +196,9 @@ def local_file(data_dir: str | Path, name: str) -> Path:
     return target
 
 
-def fetch_files(pattern: str) -> list[tuple[str, Path]]:
-    """(URI, local copy) of every object a URI or glob (`*`, `?`, `**`) names, in URI
-    order; an object is downloaded again only when its size or time changed."""
+def list_files(pattern: str) -> list[tuple[str, int, int | None]]:
+    """(URI, size, modification time in ns) of every object a URI or glob (`*`, `?`,
+    `**`) names, in URI order: a listing, nothing read."""
     import pyarrow.fs as pafs
 
     fs, path = _filesystem(pattern)
@@ -237,20 +214,93 @@ def fetch_files(pattern: str) -> list[tuple[str, Path]]:
             infos = [i for i in infos if fnmatch.fnmatchcase(i.path, path)]
     except Exception as exc:
         raise _fail(pattern, "list", exc) from None
-    out = []
-    for info in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
-        uri = f"{scheme}://{info.path}"
-        local = mirror_dir(uri)
-        stamp = (info.size, info.mtime_ns)
-        if not local.is_file() or (local.stat().st_size, local.stat().st_mtime_ns) != stamp:
-            try:
-                _get(fs, info.path, local)
-            except Exception as exc:
-                raise _fail(uri, "download", exc) from None
-            if info.mtime_ns is not None:
-                os.utime(local, ns=(info.mtime_ns, info.mtime_ns))
-        out.append((uri, local))
-    return out
+    files = sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+    return [(f"{scheme}://{i.path}", i.size, i.mtime_ns) for i in files]
+
+
+def fetch(uri: str, size: int, mtime_ns: int | None) -> Path:
+    """This machine's copy of the object at `uri` (as `list_files` gave it), downloaded
+    again only when its size or time changed."""
+    local = mirror_dir(uri)
+    if not local.is_file() or (local.stat().st_size, local.stat().st_mtime_ns) != (size, mtime_ns):
+        fs, path = _filesystem(uri)
+        try:
+            _get(fs, path, local)
+        except Exception as exc:
+            raise _fail(uri, "download", exc) from None
+        if mtime_ns is not None:
+            os.utime(local, ns=(mtime_ns, mtime_ns))
+    return local
+
+
+def open_input(location: str) -> Any:
+    """A local path or a URI opened for reading at any offset (`seek`, `read`)."""
+    if not is_uri(location):
+        return open(location, "rb")
+    fs, path = _filesystem(location)
+    try:
+        return fs.open_input_file(path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise _fail(location, "read", exc) from None
+
+
+def put_file(local: Path, uri: str) -> None:
+    """Upload one file to `uri` (an object appears whole or not at all)."""
+    fs, path = _filesystem(uri)
+    try:
+        _put(fs, local, path)
+    except Exception as exc:
+        raise _fail(uri, "upload", exc) from None
+
+
+def clear(uri: str) -> None:
+    """Delete every object under `uri` (a prefix)."""
+    fs, root = _filesystem(uri)
+    try:
+        fs.delete_dir_contents(root, missing_dir_ok=True)
+    except Exception as exc:
+        raise _fail(uri, "delete", exc) from None
+
+
+def staged_files(uri: str) -> set[str]:
+    """The paths, relative to `uri`, of the objects under it."""
+    import pyarrow.fs as pafs
+
+    fs, root = _filesystem(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except Exception as exc:
+        raise _fail(uri, "list", exc) from None
+    return {i.path.removeprefix(f"{root}/") for i in infos if i.type == pafs.FileType.File}
+
+
+def publish(staged: str, uri: str, manifest: dict[str, Any], manifest_file: Path) -> None:
+    """Move a finished run's objects from the staging prefix `staged` into place at `uri`,
+    copied within the storage (no byte passes through this machine): the old manifest
+    deleted first, stale shards of an earlier run deleted, the staging prefix emptied, and
+    the manifest (`manifest_file`) written last."""
+    import pyarrow.fs as pafs
+
+    fs, root = _filesystem(uri)
+    _, staging = _filesystem(staged)
+    files = [TOKENIZER] + [e["file"] for s in manifest["splits"].values() for e in s["shards"]]
+    try:
+        if fs.get_file_info(f"{root}/{MANIFEST}").type == pafs.FileType.File:
+            fs.delete_file(f"{root}/{MANIFEST}")
+        for name in files:
+            fs.copy_file(f"{staging}/{name}", f"{root}/{name}")
+        keep = {f"{root}/{name}" for name in files}
+        for split in ("train", "val"):
+            listing = fs.get_file_info(pafs.FileSelector(f"{root}/{split}", allow_not_found=True))
+            for info in listing:
+                if info.type == pafs.FileType.File and info.path not in keep:
+                    fs.delete_file(info.path)  # a shard of an earlier, larger run
+        fs.delete_dir_contents(staging, missing_dir_ok=True)
+        _put(fs, manifest_file, f"{root}/{MANIFEST}")
+    except Exception as exc:
+        raise _fail(uri, "publish", exc) from None
 
 
 def _get(fs: Any, path: str, target: Path) -> None:

@@ -1,6 +1,6 @@
 """Text sources, through Hugging Face `datasets`: the bundled demo corpus, a hub dataset by
 name, or files by path or glob (text, json/jsonl, parquet, csv), local or in object storage
-(s3://, gs://: fetched into a local mirror first).
+(s3://, gs://).
 
 Every source becomes a `datasets.Dataset` (or, when streaming, an `IterableDataset`) with a
 `text` column, and `target` for paired (sequence-to-sequence) data.
@@ -19,8 +19,8 @@ from typing import Any
 import datasets
 
 from pipeline.config import SourceNode
-from pipeline.data.reading import file_format, read_text
-from pipeline.data.remote import fetch_files, is_uri
+from pipeline.data.reading import SourceFile, file_format, read_text
+from pipeline.data.remote import fetch, is_uri, list_files
 from pipeline.data.shards import sha256_file
 from pipeline.errors import DataError
 
@@ -82,7 +82,7 @@ def demo_pairs() -> list[tuple[str, str]]:
 
 
 def load_source(
-    source: SourceNode, paired: bool = False, files: list[tuple[str, Path]] | None = None
+    source: SourceNode, paired: bool = False, files: list[SourceFile] | None = None
 ) -> datasets.Dataset:
     """One source as a dataset with `text` (and `target` when paired); `files`: its
     `source_files`, when the caller has them already."""
@@ -105,27 +105,28 @@ def _load_hub(source: SourceNode) -> Any:
         raise DataError(f"hub dataset {source.name!r}: cannot load: {first}") from None
 
 
-def source_files(source: SourceNode) -> list[tuple[str, Path]]:
-    """(name, local path) of each file a `files` source names, in name order: a local path
-    or glob, or an s3:// / gs:// URI or glob, whose objects are fetched into the local
-    mirror (pipeline.data.remote)."""
+def source_files(source: SourceNode) -> list[SourceFile]:
+    """Each file a `files` source names, in name order: a local path or glob, or an s3://
+    / gs:// URI or glob, listed (nothing read)."""
     assert source.path is not None
     if is_uri(source.path):
-        found = fetch_files(source.path)
+        found = [SourceFile(*listed) for listed in list_files(source.path)]
     else:
         names = sorted(globlib.glob(source.path, recursive=True)) or (
             [source.path] if Path(source.path).is_file() else []
         )
-        found = [(name, Path(name)) for name in names]
+        found = [SourceFile(name, Path(name).stat().st_size) for name in names]
     if not found:
         raise DataError(f"{source.path}: no such file")
     return found
 
 
-def _load_files(source: SourceNode, found: list[tuple[str, Path]] | None) -> Any:
+def _load_files(source: SourceNode, found: list[SourceFile] | None) -> Any:
+    """Files read here, through `datasets` (a bucket's objects fetched into this machine's
+    mirror first)."""
     assert source.path is not None
     found = found or source_files(source)
-    files = [str(local) for _, local in found]
+    files = [str(fetch(*f) if is_uri(f.name) else f.name) for f in found]
     fmt = file_format(source, found)
     if fmt == "text":
         return _text_files(files)
@@ -175,16 +176,20 @@ def _select_columns(ds: Any, source: SourceNode, paired: bool) -> Any:
     return ds.rename_columns(renames) if renames else ds
 
 
-def source_fingerprint(source: SourceNode, files: list[tuple[str, Path]] | None = None) -> str:
-    """Identity of what a source reads: its settings, and for files their names and bytes
-    (`files`: its `source_files`, when the caller has them already)."""
+def source_fingerprint(source: SourceNode, files: list[SourceFile] | None = None) -> str:
+    """Identity of what a source reads: its settings, and for files their names and bytes,
+    or for a bucket's objects their names, sizes and modification times (`files`: its
+    `source_files`, when the caller has them already)."""
     h = hashlib.sha256(source.model_dump_json().encode())
     if source.kind == "demo":
         for title, markdown in demo_plays():
             h.update(title.encode())
             h.update(hashlib.sha256(markdown.encode()).digest())
     elif source.kind == "files" and source.path:
-        for name, local in files or source_files(source):
+        for name, size, mtime_ns in files or source_files(source):
             h.update(name.encode())
-            h.update(sha256_file(local).encode())
+            if is_uri(name):  # read by workers: this machine never reads its bytes
+                h.update(f"|{size}|{mtime_ns}".encode())
+            else:
+                h.update(sha256_file(Path(name)).encode())
     return h.hexdigest()
