@@ -8,6 +8,13 @@ probe's size, with the variant's attention (pattern, parameters, backend), is tr
 task at every distance at once, then scored per distance on fresh sequences: accuracy of the
 key's symbols (chance: 1 / symbols).
 
+A probe model may train on shorter sequences than it is scored on (`train_task`): a
+query's window and global tokens hold as many keys at 768 tokens as at 8K, so the task is
+as hard to learn, at a tenth of the cost; with no position encoding (`positional: none`)
+nothing in the model depends on the length, and it retrieves at 8K what it learned to
+retrieve at 768. The trained distances must lie beyond the window's reach too, or the
+window alone would learn them.
+
 A causal sliding window of w keys carries information at most layers x (w - 1) tokens back,
 so beyond that a pure window is at chance by construction; global tokens reach every query
 in one hop, and random blocks reach some queries. The probe therefore also trains each
@@ -17,6 +24,7 @@ sparse variant's window alone (its globals and random blocks removed), to show w
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,14 +107,19 @@ def train_and_score(
     batch_size: int,
     lr: float,
     seed: int,
+    train_task: ProbeTask | None = None,
 ) -> dict[int, float]:
-    """Train a fresh model with this attention on the task; accuracy per distance."""
+    """Train a fresh model with this attention on `train_task` (default: the task itself);
+    its accuracy per distance on `task`."""
     from models.transformer import build_model
 
+    train_task = train_task or task
     task.validate()
+    train_task.validate()
+    longest = max(task.seq_len, train_task.seq_len)
     torch.manual_seed(seed)
     net = build_model(
-        model.model_copy(update={"vocab_size": task.vocab_size, "max_seq_len": task.seq_len}),
+        model.model_copy(update={"vocab_size": task.vocab_size, "max_seq_len": longest}),
         attention,
     )
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
@@ -116,7 +129,7 @@ def train_and_score(
     data = torch.Generator().manual_seed(seed)
     net.train()
     for _ in range(steps):
-        ids, targets = task.batch(data, batch_size)
+        ids, targets = train_task.batch(data, batch_size)
         loss = F.cross_entropy(net(ids).flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -171,11 +184,17 @@ def run_probe(variants: dict[str, Any], probe: Any, show: Any) -> list[dict[str,
         symbols=probe.symbols,
         distances=tuple(probe.distances),
     )
+    train_task = ProbeTask(
+        seq_len=probe.train_seq_len or probe.seq_len,
+        key_tokens=probe.key_tokens,
+        symbols=probe.symbols,
+        distances=tuple(probe.train_distances or probe.distances),
+    )
     model = ModelConfig(
         d_model=probe.d_model,
         n_layers=probe.n_layers,
         n_heads=probe.n_heads,
-        positional="rope",
+        positional=probe.positional,
     )  # train_and_score sizes its vocabulary and length to the task
     runs: list[tuple[str, str, AttentionConfig]] = []  # (row name, variant, attention)
     chosen = probe.variants or list(variants)
@@ -189,12 +208,15 @@ def run_probe(variants: dict[str, Any], probe: Any, show: Any) -> list[dict[str,
     rows = []
     for name, variant, attention in runs:
         show(
-            f"probe {name!r}: {attention.pattern} {attention.params or ''}, "
-            f"{probe.steps} steps at distances {list(task.distances)}"
+            f"probe {name!r}: {attention.pattern} {attention.params or ''}, {probe.steps} "
+            f"steps at distances {list(train_task.distances)} of {train_task.seq_len} tokens, "
+            f"scored at {list(task.distances)} of {task.seq_len}"
         )
+        started = time.perf_counter()
         accuracy = train_and_score(
-            attention, task, model, probe.steps, probe.batch_size, probe.lr, probe.seed
-        )
+            attention, task, model, probe.steps, probe.batch_size, probe.lr, probe.seed,
+            train_task,
+        )  # fmt: skip
         rows.append(
             {
                 "variant": name,
@@ -204,6 +226,8 @@ def run_probe(variants: dict[str, Any], probe: Any, show: Any) -> list[dict[str,
                 "accuracy": accuracy,
                 "reach": reach(attention, probe.n_layers),
                 "chance": 1.0 / task.symbols,
+                "trained_at": {"seq_len": train_task.seq_len, "distances": train_task.distances},
+                "seconds": time.perf_counter() - started,  # training and scoring
             }
         )
     return rows

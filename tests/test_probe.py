@@ -88,12 +88,47 @@ def test_a_pure_window_fails_beyond_its_reach_where_dense_and_global_tokens_retr
     [
         ("compare.probe.distances=[250]", "compare.probe.distances: 250 + 2 x key_tokens (4)"),
         ("compare.probe.distances=[0]", "compare.probe.distances: each distance must be >= 1"),
+        (
+            "compare.probe.train_seq_len=64",
+            "compare.probe.train_seq_len: 200 + 2 x key_tokens (4) = 208 tokens do not fit "
+            "train_seq_len=64",
+        ),
+        (
+            "compare.probe.train_distances=[300]",
+            "compare.probe.train_distances: 300 + 2 x key_tokens (4) = 308 tokens do not fit "
+            "seq_len=256",
+        ),
     ],
 )
 def test_a_probe_that_does_not_fit_is_one_line(override, message):
     with pytest.raises(SpecError) as caught:
         load_spec(ROOT / "jobs" / "demo.yaml", [override])
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_probe_model_trained_short_retrieves_the_key_at_eight_times_the_length():
+    """`train_task`: trained on 64-token sequences (keys 30 and 50 back, beyond the 14
+    tokens 2 layers of an 8-token window reach), scored on 512-token ones (keys 100 and
+    500 back). With no position encoding nothing ties the model to the length it trained
+    at: the global token carries the key at any length, and the window alone is still at
+    chance. This is how jobs/long-context.yaml probes at 8K on a CPU."""
+    short = ProbeTask(seq_len=64, key_tokens=1, symbols=8, distances=(30, 50))
+    long = ProbeTask(seq_len=512, key_tokens=1, symbols=8, distances=(100, 500))
+    model = ModelConfig(d_model=32, n_layers=2, n_heads=4, positional="none")
+    longformer = AttentionConfig(
+        pattern="longformer",
+        params={"window": 8, "global_tokens": [0]},
+        backend="blocksparse",
+        block_size=16,
+    )
+    scores = {
+        name: train_and_score(
+            attention, long, model, steps=200, batch_size=16, lr=3e-3, seed=0, train_task=short
+        )
+        for name, attention in (("longformer", longformer), ("window", window_only(longformer)))
+    }
+    assert scores["longformer"][100] > 0.9 and scores["longformer"][500] > 0.9, scores
+    assert max(scores["window"].values()) < 1 / long.symbols + 0.1, scores
 
 
 def test_scoring_a_few_sequences_at_a_time_counts_the_same_as_all_at_once():
@@ -110,10 +145,10 @@ def test_scoring_a_few_sequences_at_a_time_counts_the_same_as_all_at_once():
 
 def test_the_long_context_job_probes_beyond_every_window_at_a_fraction_of_dense_compute():
     """jobs/long-context.yaml: 8K tokens; each sparse variant spends >= 4x less attention
-    compute than dense (the issue's bar); its probe (off on a CPU, on for a GPU cluster)
-    asks for keys beyond what either window alone reaches in the probe's layers, so only
-    global tokens (or random blocks) can carry them; dense, the costly probe model at 8K,
-    is left out."""
+    compute than dense (the issue's bar); its probe, scored at 8K, asks for keys beyond
+    what either window alone reaches in the probe's layers, at the distances it trains on
+    too, so only global tokens (or random blocks) can carry them; dense, the costly probe
+    model at 8K, is left out."""
     from pipeline.kinds.compare import attention_flops_per_token, variant_specs
 
     spec = load_spec(ROOT / "jobs" / "long-context.yaml")
@@ -122,8 +157,10 @@ def test_the_long_context_job_probes_beyond_every_window_at_a_fraction_of_dense_
     assert spec.data.sources[0].documents == "plays"
     dense = attention_flops_per_token(variants["dense"])
     probe = spec.compare.probe
-    assert probe.seq_len == 8192 and probe.variants == ["longformer", "bigbird"]
+    assert probe.enabled and probe.seq_len == 8192
+    assert probe.variants == ["longformer", "bigbird"] and probe.positional == "none"
     for name in probe.variants:
         assert dense / attention_flops_per_token(variants[name]) >= 4, name
         local = window_only(variants[name].attention)
         assert reach(local, probe.n_layers) < min(probe.distances), name
+        assert reach(local, probe.n_layers) < min(probe.train_distances), name

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from models.config import PRESETS, FieldError, ModelConfig, _Node
+from models.config import PRESETS, FieldError, ModelConfig, Positional, _Node
 from pipeline.config.cron import cron_trigger
 from pipeline.presets import deepspeed_presets
 
@@ -399,12 +399,23 @@ class ProbeNode(_Node):
     on the task, then scored per distance."""
 
     enabled: bool = Field(True, description="Run the probe after the variants train")
-    seq_len: int = Field(256, ge=16, description="Tokens per probe sequence")
+    seq_len: int = Field(256, ge=16, description="Tokens per probe sequence scored")
     distances: list[int] = Field(
         default_factory=lambda: [24, 200],
         min_length=1,
         description="Tokens from the key to where it is asked for; each scored on its own",
     )
+    train_seq_len: int | None = Field(
+        None,
+        ge=16,
+        description="Tokens per training sequence (default: seq_len). A query's window and "
+        "globals hold as many keys at any length, so a probe model trained short (with "
+        "positional: none, which ties it to no length) retrieves at a long seq_len",
+    )
+    train_distances: list[int] | None = Field(
+        None, min_length=1, description="The distances trained on (default: distances)"
+    )
+    positional: Positional = Field("rope", description="The probe model's position encoding")
     key_tokens: int = Field(4, ge=1, le=16, description="Symbols in the key")
     symbols: int = Field(16, ge=2, le=256, description="Key alphabet size (chance: 1/symbols)")
     d_model: int = Field(64, ge=8, description="Width of the probe model")
@@ -426,15 +437,25 @@ class ProbeNode(_Node):
 
     @model_validator(mode="after")
     def _fits(self) -> ProbeNode:
-        if any(d < 1 for d in self.distances):
-            raise FieldError("distances", f"each distance must be >= 1, got {self.distances}")
-        need = 2 * self.key_tokens + max(self.distances)
-        if need > self.seq_len:
-            raise FieldError(
-                "distances",
-                f"{max(self.distances)} + 2 x key_tokens ({self.key_tokens}) = {need} tokens "
-                f"do not fit seq_len={self.seq_len}",
-            )
+        trained = self.train_distances or self.distances
+        for field, distances, where, tokens in (
+            ("distances", self.distances, "seq_len", self.seq_len),
+            (
+                "train_distances" if self.train_distances else "train_seq_len",
+                trained,
+                "train_seq_len" if self.train_seq_len else "seq_len",
+                self.train_seq_len or self.seq_len,
+            ),
+        ):
+            if any(d < 1 for d in distances):
+                raise FieldError(field, f"each distance must be >= 1, got {distances}")
+            need = 2 * self.key_tokens + max(distances)
+            if need > tokens:
+                raise FieldError(
+                    field,
+                    f"{max(distances)} + 2 x key_tokens ({self.key_tokens}) = {need} tokens "
+                    f"do not fit {where}={tokens}",
+                )
         if self.d_model % self.n_heads:
             raise FieldError(
                 "d_model", f"{self.d_model} is not a multiple of n_heads={self.n_heads}"

@@ -184,6 +184,8 @@ def _probe_columns(probes: list[dict[str, Any]]) -> dict[str, list[Any]]:
     for d in distances:
         columns[f"accuracy_d{d}"] = [p["accuracy"][d] for p in probes]
     columns["chance"] = [p["chance"] for p in probes]
+    columns["trained_seq_len"] = [p["trained_at"]["seq_len"] for p in probes]
+    columns["seconds"] = [p["seconds"] for p in probes]
     return columns
 
 
@@ -277,7 +279,8 @@ def show_probe_table(probes: list[dict[str, Any]], show: Any) -> None:
     table = Table(
         title=f"long-range probe: key accuracy by distance (chance {probes[0]['chance']:.2f})"
     )
-    for column in ("model", "attention", "window reach", *(f"d={d}" for d in distances)):
+    columns = ("model", "attention", "window reach", *(f"d={d}" for d in distances), "seconds")
+    for column in columns:
         table.add_column(column)
     for probe in probes:
         params = ", ".join(f"{k}={v}" for k, v in probe["params"].items()).replace(" ", "")
@@ -286,6 +289,7 @@ def show_probe_table(probes: list[dict[str, Any]], show: Any) -> None:
             f"{probe['pattern']}" + (f" ({params})" if params else ""),
             "-" if probe["reach"] is None else f"{probe['reach']} tokens",
             *(f"{probe['accuracy'][d]:.2f}" for d in distances),
+            f"{probe['seconds']:.0f}",
         )
     _console().print(table)
 
