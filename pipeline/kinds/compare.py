@@ -279,8 +279,7 @@ def show_probe_table(probes: list[dict[str, Any]], show: Any) -> None:
     table = Table(
         title=f"long-range probe: key accuracy by distance (chance {probes[0]['chance']:.2f})"
     )
-    columns = ("model", "attention", "window reach", *(f"d={d}" for d in distances), "seconds")
-    for column in columns:
+    for column in ("model", "attention", "window reach", *(f"d={d}" for d in distances)):
         table.add_column(column)
     for probe in probes:
         params = ", ".join(f"{k}={v}" for k, v in probe["params"].items()).replace(" ", "")
@@ -289,7 +288,6 @@ def show_probe_table(probes: list[dict[str, Any]], show: Any) -> None:
             f"{probe['pattern']}" + (f" ({params})" if params else ""),
             "-" if probe["reach"] is None else f"{probe['reach']} tokens",
             *(f"{probe['accuracy'][d]:.2f}" for d in distances),
-            f"{probe['seconds']:.0f}",
         )
     _console().print(table)
 
