@@ -231,3 +231,21 @@ def run_probe(variants: dict[str, Any], probe: Any, show: Any) -> list[dict[str,
             }
         )
     return rows
+
+
+def table(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """`run_probe`'s rows as the columns of an MLflow table (`probe.json`)."""
+    columns: dict[str, list[Any]] = {
+        "variant": [r["variant"] for r in rows],
+        "pattern": [r["pattern"] for r in rows],
+        "params": [str(r["params"]) for r in rows],
+        "window_reach_tokens": [r["reach"] for r in rows],
+    }
+    if "attention_gflops_per_token" in rows[0]:  # a compare job's rows
+        columns["attention_gflops_per_token"] = [r["attention_gflops_per_token"] for r in rows]
+    for d in rows[0]["accuracy"]:
+        columns[f"accuracy_d{d}"] = [r["accuracy"][d] for r in rows]
+    columns["chance"] = [r["chance"] for r in rows]
+    columns["trained_seq_len"] = [r["trained_at"]["seq_len"] for r in rows]
+    columns["seconds"] = [r["seconds"] for r in rows]
+    return columns

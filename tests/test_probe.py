@@ -131,6 +131,30 @@ def test_a_probe_model_trained_short_retrieves_the_key_at_eight_times_the_length
     assert max(scores["window"].values()) < 1 / long.symbols + 0.1, scores
 
 
+def test_evaluate_probes_a_saved_model_with_its_own_attention_and_its_window_alone(tmp_path):
+    """`evaluate.probe`: the probe takes the attention from the model's folder (pattern,
+    parameters, backend), never the spec's, and adds the window alone of a sparse one."""
+    from models.pretrained import save_pretrained
+    from models.transformer import build_model
+    from pipeline.config import ProbeNode
+    from pipeline.kinds.evaluate import probe_model
+
+    attention = AttentionConfig(
+        pattern="longformer",
+        params={"window": 8, "global_tokens": [0, 1]},
+        backend="blocksparse",
+        block_size=16,
+    )
+    config = ModelConfig(d_model=16, n_layers=1, n_heads=2, vocab_size=50, max_seq_len=64)
+    save_pretrained(tmp_path, build_model(config, attention).state_dict(), config, attention)
+    probe = ProbeNode(seq_len=64, distances=[6, 40], d_model=16, steps=2, variants=["x"])
+    rows = probe_model(tmp_path, "champion", probe, lambda message: None)
+    assert [r["variant"] for r in rows] == ["champion", "champion (window only)"]
+    assert rows[0]["pattern"] == "longformer" and rows[0]["params"] == attention.params
+    assert rows[1]["pattern"] == "sliding_window" and rows[1]["reach"] == 2 * 7
+    assert all(sorted(r["accuracy"]) == [6, 40] and r["seconds"] > 0 for r in rows)
+
+
 def test_scoring_a_few_sequences_at_a_time_counts_the_same_as_all_at_once():
     task = ProbeTask(seq_len=48, key_tokens=3, symbols=6, distances=(5, 30))
     model = ModelConfig(d_model=16, n_layers=1, n_heads=2, positional="rope", max_seq_len=48)

@@ -96,8 +96,15 @@ def test_champion_challenger_rounds(ray_cluster, tmp_path):
 
     # kind: evaluate on both versions. Each trained its own tokenizer on its own corpus, so
     # each scores the data node preprocessed with its own; bits per byte compares them.
-    evaluated = evaluate(work, again, "evaluate.batches=null", "evaluate.samples=2")
+    probe = ["evaluate.probe.seq_len=32", "evaluate.probe.distances=[4,20]",
+             "evaluate.probe.steps=2", "evaluate.probe.d_model=16"]  # fmt: skip
+    evaluated = evaluate(work, again, "evaluate.batches=null", "evaluate.samples=2", *probe)
     rows = {row["model"]: row for row in evaluated["results"]}
+    # the probe on each model's own attention, a row each (dense: no window of its own)
+    assert [p["variant"] for p in evaluated["probe"]] == ["champion", "challenger"]
+    assert all(sorted(p["accuracy"]) == [4, 20] for p in evaluated["probe"])
+    logged = {a.path for a in client.list_artifacts(evaluated["mlflow_run_id"])}
+    assert "probe.json" in logged
     assert sorted(rows) == ["challenger", "champion"]
     assert rows["champion"]["version"] == r3["promotion"]["version"]
     for row in rows.values():

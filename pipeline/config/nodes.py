@@ -363,40 +363,11 @@ class RetrainNode(_Node):
     )
 
 
-class EvaluateNode(_Node):
-    """`kind: evaluate`: score trained models on held-out data: loss, perplexity and bits
-    per byte per split, a few generated samples; linked to each model version."""
-
-    models: list[str] = Field(
-        default_factory=list,
-        description="The models scored: models:/name@alias, models:/name/3, an MLflow run id, "
-        "a checkpoint folder, a folder of checkpoints or an exported folder",
-    )
-    data: str | None = Field(
-        None,
-        description="A preprocessed output (folder or s3:// / gs:// URI) tokenized with the "
-        "models' tokenizer; default: this spec's data node, preprocessed with each model's",
-    )
-    splits: list[Literal["train", "val"]] = Field(
-        default_factory=lambda: ["val"], min_length=1, description="The splits scored"
-    )
-    batches: int | None = Field(
-        20, ge=1, description="Batches scored per split, the same for every model; null: all"
-    )
-    batch_size: int = Field(8, ge=1, description="Samples per evaluation batch")
-    samples: int = Field(
-        3, ge=0, le=32, description="Validation prompts each model continues (an MLflow table)"
-    )
-    prompt_tokens: int = Field(16, ge=1, description="Tokens of each sample's prompt")
-    sample_tokens: int = Field(32, ge=1, description="Tokens each sample generates (greedy)")
-    seed: int = Field(0, description="Seed of the masked-LM corruption (encoder models)")
-
-
 class ProbeNode(_Node):
-    """`kind: compare`: the long-range retrieval probe (pipeline/probe.py). A key opens each
-    sequence; the model must repeat it after a marker `distances` tokens later. A probe-size
-    model with each variant's attention (and each sparse variant's window alone) is trained
-    on the task, then scored per distance."""
+    """`kind: compare` and `evaluate`: the long-range retrieval probe (pipeline/probe.py). A
+    key opens each sequence; the model must repeat it after a marker `distances` tokens
+    later. A probe-size model with each variant's (or evaluated model's) attention, and each
+    sparse one's window alone, is trained on the task, then scored per distance."""
 
     enabled: bool = Field(True, description="Run the probe after the variants train")
     seq_len: int = Field(256, ge=16, description="Tokens per probe sequence scored")
@@ -461,6 +432,40 @@ class ProbeNode(_Node):
                 "d_model", f"{self.d_model} is not a multiple of n_heads={self.n_heads}"
             )
         return self
+
+
+class EvaluateNode(_Node):
+    """`kind: evaluate`: score trained models on held-out data: loss, perplexity and bits
+    per byte per split, a few generated samples; linked to each model version."""
+
+    models: list[str] = Field(
+        default_factory=list,
+        description="The models scored: models:/name@alias, models:/name/3, an MLflow run id, "
+        "a checkpoint folder, a folder of checkpoints or an exported folder",
+    )
+    data: str | None = Field(
+        None,
+        description="A preprocessed output (folder or s3:// / gs:// URI) tokenized with the "
+        "models' tokenizer; default: this spec's data node, preprocessed with each model's",
+    )
+    splits: list[Literal["train", "val"]] = Field(
+        default_factory=lambda: ["val"], min_length=1, description="The splits scored"
+    )
+    batches: int | None = Field(
+        20, ge=1, description="Batches scored per split, the same for every model; null: all"
+    )
+    batch_size: int = Field(8, ge=1, description="Samples per evaluation batch")
+    samples: int = Field(
+        3, ge=0, le=32, description="Validation prompts each model continues (an MLflow table)"
+    )
+    prompt_tokens: int = Field(16, ge=1, description="Tokens of each sample's prompt")
+    sample_tokens: int = Field(32, ge=1, description="Tokens each sample generates (greedy)")
+    seed: int = Field(0, description="Seed of the masked-LM corruption (encoder models)")
+    probe: ProbeNode | None = Field(
+        None,
+        description="The long-range probe (as compare.probe; its variants key aside) on each "
+        "model's own attention: pattern, parameters, backend, and its window alone",
+    )
 
 
 class CompareNode(_Node):

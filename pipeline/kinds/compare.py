@@ -74,6 +74,7 @@ def run_compare(job: Job) -> dict[str, Any]:
     from pipeline.kinds.evaluate import bits_per_byte
     from pipeline.kinds.preprocess import data_dir, run_preprocess
     from pipeline.kinds.retrain import challenge
+    from pipeline.probe import table as probe_table
     from pipeline.tracking import use_experiment
     from pipeline.train.driver import run_train
 
@@ -129,7 +130,7 @@ def run_compare(job: Job) -> dict[str, Any]:
             if row["val_bits_per_byte"] is not None:
                 mlflow.log_metric(f"{row['variant']}/val_bits_per_byte", row["val_bits_per_byte"])
         if probes:
-            mlflow.log_table(_probe_columns(probes), artifact_file="probe.json")
+            mlflow.log_table(probe_table(probes), artifact_file="probe.json")
             for probe in probes:
                 for distance, accuracy in probe["accuracy"].items():
                     key = f"probe/{_metric_name(probe['variant'])}/accuracy_d{distance}"
@@ -170,23 +171,6 @@ def _probe(
 
 def _metric_name(variant: str) -> str:
     return variant.replace(" (window only)", "-window-only").replace(" ", "-")
-
-
-def _probe_columns(probes: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    distances = list(probes[0]["accuracy"])
-    columns: dict[str, list[Any]] = {
-        "variant": [p["variant"] for p in probes],
-        "pattern": [p["pattern"] for p in probes],
-        "params": [str(p["params"]) for p in probes],
-        "window_reach_tokens": [p["reach"] for p in probes],
-        "attention_gflops_per_token": [p["attention_gflops_per_token"] for p in probes],
-    }
-    for d in distances:
-        columns[f"accuracy_d{d}"] = [p["accuracy"][d] for p in probes]
-    columns["chance"] = [p["chance"] for p in probes]
-    columns["trained_seq_len"] = [p["trained_at"]["seq_len"] for p in probes]
-    columns["seconds"] = [p["seconds"] for p in probes]
-    return columns
 
 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:

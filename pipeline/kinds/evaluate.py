@@ -17,7 +17,8 @@ loss is not a code length, and a pair's target may be cut at `max_target_len`.
 scored on each split of `evaluate.data` (or of the spec's data node preprocessed with the
 model's own tokenizer), one nested MLflow run per model with its metrics linked to the
 model version's LoggedModel and the dataset, tags on the version keyed by the data's
-fingerprint, and a table of generated samples.
+fingerprint, and a table of generated samples. With `evaluate.probe`, the long-range probe
+(pipeline/probe.py) on each model's own attention, and on its window alone.
 """
 
 from __future__ import annotations
@@ -239,6 +240,7 @@ def run_evaluate(job: Job) -> dict[str, Any]:
 
     from pipeline.data.remote import local_copy
     from pipeline.data.shards import read_manifest
+    from pipeline.probe import table as probe_table
     from pipeline.tracking import log_dataset, use_experiment
 
     spec, show, uri = job.spec, job.show, job.uri
@@ -246,7 +248,7 @@ def run_evaluate(job: Job) -> dict[str, Any]:
     client = MlflowClient(uri)
     use_experiment(uri, spec.tracking.experiment, spec.storage.work_dir)
     work = Path(spec.storage.work_dir) / "evaluate" / spec.job.name
-    rows, samples, prepared = [], [], {}
+    rows, samples, probes, prepared = [], [], [], {}
     with mlflow.start_run(run_name=spec.job.name, tags={"attnpipe.stage": "evaluate"}) as parent:
         labels: list[str] = []
         for ref in e.models:
@@ -282,6 +284,14 @@ def run_evaluate(job: Job) -> dict[str, Any]:
                 if table:
                     mlflow.log_table(_columns(table), artifact_file="samples.json")
                 samples += [{"model": model.label, **row} for row in table]
+                if e.probe is not None and e.probe.enabled:
+                    found = probe_model(model.folder, model.label, e.probe, show)
+                    for row in found:
+                        name = row["variant"].replace(model.label, "probe", 1)
+                        name = name.replace(" (window only)", "/window-only")
+                        for distance, accuracy in row["accuracy"].items():
+                            mlflow.log_metric(f"{name}/accuracy_d{distance}", accuracy, step=0)
+                    probes += found
             tag_version(client, model, manifest["fingerprint"], scores)
             for split, s in scores.items():
                 rows.append({"model": model.label, "ref": ref, "version": model.version,
@@ -289,13 +299,38 @@ def run_evaluate(job: Job) -> dict[str, Any]:
         mlflow.log_table(_columns(rows), artifact_file="evaluation.json")
         if samples:
             mlflow.log_table(_columns(samples), artifact_file="samples.json")
+        if probes:
+            mlflow.log_table(probe_table(probes), artifact_file="probe.json")
     for row in rows:
         bpb = row["bits_per_byte"]
         show(
             f"{row['model']:>12} {row['split']:>5}: loss {row['loss']:.4f}, perplexity "
             f"{row['perplexity']:.2f}, bits per byte {'-' if bpb is None else f'{bpb:.4f}'}"
         )
-    return {"mlflow_run_id": parent.info.run_id, "results": rows, "samples": samples}
+    for row in probes:
+        accuracy = ", ".join(f"d={d} {a:.2f}" for d, a in row["accuracy"].items())
+        show(f"probe {row['variant']}: {accuracy} (chance {row['chance']:.2f})")
+    return {
+        "mlflow_run_id": parent.info.run_id,
+        "results": rows,
+        "samples": samples,
+        "probe": probes,
+    }
+
+
+def probe_model(folder: str | Path, label: str, probe: Any, show: Any) -> list[dict[str, Any]]:
+    """The long-range probe on the attention of the model in `folder` (its pattern,
+    parameters and backend; a fresh probe-size model learns the task with it), and on its
+    window alone for a sparse pattern: one row each (pipeline.probe.run_probe)."""
+    from types import SimpleNamespace
+
+    from models.config import AttentionConfig
+    from models.pretrained import load_config
+    from pipeline.probe import run_probe
+
+    attention = AttentionConfig(**load_config(folder)["attention"])
+    variants = {label: SimpleNamespace(attention=attention)}
+    return run_probe(variants, probe.model_copy(update={"variants": None}), show)
 
 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
