@@ -285,7 +285,7 @@ def _run(
     data: DataNode,
     out_dir: str | Path,
     fp: str,
-    files: list[list[tuple[str, Path]] | None],
+    files: list[list[reading.SourceFile] | None],
     source_fps: list[str],
     vocab_size: int,
     paired: bool,

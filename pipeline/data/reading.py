@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from pipeline.config import SourceNode
-from pipeline.data.remote import is_uri, open_input
+from pipeline.data.remote import failure, is_uri, open_input
 from pipeline.errors import DataError
 
 FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -204,6 +204,10 @@ def read_block(block: FileBlock) -> tuple[Any, int]:
             f"{exc.filename}: no such file on Ray node {node}: on a cluster, a files "
             "source must be on a mount every node sees"
         ) from None
+    except OSError as exc:  # a bucket's connection lost while reading
+        if not is_uri(block.paths[0]):
+            raise
+        raise failure(block.paths[0], "read", exc) from None
 
 
 def _read(block: FileBlock) -> tuple[Any, int]:

@@ -64,7 +64,7 @@ def join(uri: str, *names: str) -> str:
     return parts._replace(path=path).geturl()
 
 
-def _fail(uri: str, what: str, exc: BaseException) -> DataError:
+def failure(uri: str, what: str, exc: BaseException) -> DataError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return DataError(f"{uri}: cannot {what}: {first}")
 
@@ -90,7 +90,7 @@ def _filesystem(uri: str) -> tuple[Any, str]:
             return fs, f"{parts.netloc}{parts.path}".rstrip("/")
         fs, path = pafs.FileSystem.from_uri(uri)
     except Exception as exc:  # pyarrow raises ValueError, OSError, ArrowInvalid...
-        raise _fail(uri, "open the storage", exc) from None
+        raise failure(uri, "open the storage", exc) from None
     return fs, path.rstrip("/")
 
 
@@ -113,7 +113,7 @@ def read_remote_manifest(uri: str) -> dict[str, Any] | None:
         with fs.open_input_stream(path) as f:
             raw = f.read()
     except Exception as exc:
-        raise _fail(uri, "read the manifest", exc) from None
+        raise failure(uri, "read the manifest", exc) from None
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -172,7 +172,7 @@ def _download(uri: str, mirror: Path, manifest: dict[str, Any]) -> None:
     except DataError:
         raise
     except Exception as exc:
-        raise _fail(uri, "download", exc) from None
+        raise failure(uri, "download", exc) from None
     listed = {mirror / e["file"] for e in entries}
     for split in ("train", "val"):
         for stale in (mirror / split).glob("*.npy"):
@@ -192,7 +192,7 @@ def local_file(data_dir: str | Path, name: str) -> Path:
         try:
             _get(fs, f"{root}/{name}", target)
         except Exception as exc:
-            raise _fail(str(data_dir), f"download {name}", exc) from None
+            raise failure(str(data_dir), f"download {name}", exc) from None
     return target
 
 
@@ -213,7 +213,7 @@ def list_files(pattern: str) -> list[tuple[str, int, int | None]]:
             infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
             infos = [i for i in infos if fnmatch.fnmatchcase(i.path, path)]
     except Exception as exc:
-        raise _fail(pattern, "list", exc) from None
+        raise failure(pattern, "list", exc) from None
     files = sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
     return [(f"{scheme}://{i.path}", i.size, i.mtime_ns) for i in files]
 
@@ -227,7 +227,7 @@ def fetch(uri: str, size: int, mtime_ns: int | None) -> Path:
         try:
             _get(fs, path, local)
         except Exception as exc:
-            raise _fail(uri, "download", exc) from None
+            raise failure(uri, "download", exc) from None
         if mtime_ns is not None:
             os.utime(local, ns=(mtime_ns, mtime_ns))
     return local
@@ -243,7 +243,7 @@ def open_input(location: str) -> Any:
     except FileNotFoundError:
         raise
     except Exception as exc:
-        raise _fail(location, "read", exc) from None
+        raise failure(location, "read", exc) from None
 
 
 def put_file(local: Path, uri: str) -> None:
@@ -252,7 +252,7 @@ def put_file(local: Path, uri: str) -> None:
     try:
         _put(fs, local, path)
     except Exception as exc:
-        raise _fail(uri, "upload", exc) from None
+        raise failure(uri, "upload", exc) from None
 
 
 def clear(uri: str) -> None:
@@ -261,7 +261,7 @@ def clear(uri: str) -> None:
     try:
         fs.delete_dir_contents(root, missing_dir_ok=True)
     except Exception as exc:
-        raise _fail(uri, "delete", exc) from None
+        raise failure(uri, "delete", exc) from None
 
 
 def staged_files(uri: str) -> set[str]:
@@ -272,7 +272,7 @@ def staged_files(uri: str) -> set[str]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except Exception as exc:
-        raise _fail(uri, "list", exc) from None
+        raise failure(uri, "list", exc) from None
     return {i.path.removeprefix(f"{root}/") for i in infos if i.type == pafs.FileType.File}
 
 
@@ -300,7 +300,7 @@ def publish(staged: str, uri: str, manifest: dict[str, Any], manifest_file: Path
         fs.delete_dir_contents(staging, missing_dir_ok=True)
         _put(fs, manifest_file, f"{root}/{MANIFEST}")
     except Exception as exc:
-        raise _fail(uri, "publish", exc) from None
+        raise failure(uri, "publish", exc) from None
 
 
 def _get(fs: Any, path: str, target: Path) -> None:
