@@ -71,15 +71,7 @@ def plan_blocks(
     paths = [f.name for f in found]
     if fmt == "csv" or (fmt == "json" and _json_array(paths[0])):
         return None
-    wanted = {source.text_column: "text"}
-    if paired:
-        if source.target_column is None:
-            raise DataError(f"{source.path}: paired data needs data.sources[].target_column")
-        wanted[source.target_column] = "target"
-    have = _columns(fmt, paths[0])
-    for column in wanted:
-        if have is not None and column not in have:
-            raise DataError(f"{source.path}: no column {column!r}; columns are: {', '.join(have)}")
+    wanted = wanted_columns(source, paired, _columns(fmt, paths[0]), str(source.path))
     columns = tuple(wanted.items())
     if fmt == "text":
         return [
@@ -104,6 +96,22 @@ def plan_blocks(
                 out.append(FileBlock("parquet", (path,), start, start + len(group), columns))
                 start += len(group)
     return out
+
+
+def wanted_columns(
+    source: SourceNode, paired: bool, have: list[str] | None, where: str
+) -> dict[str, str]:
+    """{source column: `text` (and `target`)} of a source whose columns are `have` (None:
+    not known), checked: one line naming `where` and the columns it has."""
+    wanted = {source.text_column: "text"}
+    if paired:
+        if source.target_column is None:
+            raise DataError(f"{where}: paired data needs data.sources[].target_column")
+        wanted[source.target_column] = "target"
+    for column in wanted:
+        if have is not None and column not in have:
+            raise DataError(f"{where}: no column {column!r}; columns are: {', '.join(have)}")
+    return wanted
 
 
 def _greedy(items: list[Any], sizes: list[int], limit: int) -> list[list[Any]]:

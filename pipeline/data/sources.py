@@ -19,7 +19,7 @@ from typing import Any
 import datasets
 
 from pipeline.config import SourceNode
-from pipeline.data.reading import SourceFile, file_format, read_text
+from pipeline.data.reading import SourceFile, file_format, read_text, wanted_columns
 from pipeline.data.remote import fetch, is_uri, list_files
 from pipeline.data.shards import sha256_file
 from pipeline.errors import DataError
@@ -163,14 +163,7 @@ def _select_columns(ds: Any, source: SourceNode, paired: bool) -> Any:
     columns = list(ds.column_names or []) if getattr(ds, "column_names", None) else []
     if "text" in columns and source.text_column == "text" and not paired and len(columns) == 1:
         return ds
-    wanted = {source.text_column: "text"}
-    if paired:
-        if source.target_column is None:
-            raise DataError(f"{where}: paired data needs data.sources[].target_column")
-        wanted[source.target_column] = "target"
-    for column in wanted:
-        if columns and column not in columns:
-            raise DataError(f"{where}: no column {column!r}; columns are: {', '.join(columns)}")
+    wanted = wanted_columns(source, paired, columns or None, str(where))
     ds = ds.select_columns(list(wanted))
     renames = {old: new for old, new in wanted.items() if old != new}
     return ds.rename_columns(renames) if renames else ds

@@ -286,9 +286,9 @@ def run_evaluate(job: Job) -> dict[str, Any]:
                 samples += [{"model": model.label, **row} for row in table]
                 if e.probe is not None and e.probe.enabled:
                     found = probe_model(model.folder, model.label, e.probe, show)
-                    for row in found:
-                        name = row["variant"].replace(model.label, "probe", 1)
-                        name = name.replace(" (window only)", "/window-only")
+                    for row in found:  # the model's attention, then its window alone
+                        alone = row["variant"] != row["of_variant"]
+                        name = "probe/window-only" if alone else "probe"
                         for distance, accuracy in row["accuracy"].items():
                             mlflow.log_metric(f"{name}/accuracy_d{distance}", accuracy, step=0)
                     probes += found
